@@ -1,0 +1,214 @@
+// TensorFlow kernels for FusedMaskedMae>MaskedMae and its gradient.
+//
+// Every input is validated here, before any memory is touched; the device
+// functors (CPU below, CUDA in masked_mae_kernels.cu.cc) may then trust
+// [rows, num_classes] and the token set.
+#define EIGEN_USE_THREADS
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#endif
+
+#include "cc/kernels/masked_mae_kernels.h"
+
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace fused_masked_mae {
+
+template <>
+struct ElementKindOf<Eigen::half> {
+  static constexpr ElementKind value = ElementKind::kFloat16;
+};
+template <>
+struct ElementKindOf<Eigen::bfloat16> {
+  static constexpr ElementKind value = ElementKind::kBFloat16;
+};
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using CPUDevice = Eigen::ThreadPoolDevice;
+using GPUDevice = Eigen::GpuDevice;
+
+namespace {
+
+// Rough cycles per element of one row, for the thread pool's sharding.
+constexpr int64_t kCyclesPerElement = 8;
+
+// Runs fn(row) for every row on the op's CPU worker pool. Each row is computed
+// by one thread with a fixed reduction order, so results do not depend on how
+// rows are split across threads.
+template <typename RowFn>
+void ForEachRowParallel(OpKernelContext* ctx, int64_t rows, int64_t num_classes,
+                        const RowFn& fn) {
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  workers->ParallelFor(rows, num_classes * kCyclesPerElement,
+                       [&fn](int64_t begin, int64_t end) {
+                         for (int64_t row = begin; row < end; ++row) fn(row);
+                       });
+}
+
+}  // namespace
+
+template <typename T>
+struct MaskedMaeFunctor<CPUDevice, T> {
+  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred, int64_t rows,
+                          int64_t num_classes, const MaskedTokenSet& tokens, T* loss) {
+    ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
+      const int64_t offset = row * num_classes;
+      loss[row] = ComputeRowLoss(y_true + offset, y_pred + offset, num_classes, tokens);
+    });
+    return absl::OkStatus();
+  }
+};
+
+template <typename T>
+struct MaskedMaeGradFunctor<CPUDevice, T> {
+  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred,
+                          const T* grad_loss, int64_t rows, int64_t num_classes,
+                          const MaskedTokenSet& tokens, T* grad_y_pred) {
+    ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
+      const int64_t offset = row * num_classes;
+      ComputeRowGradient(y_true + offset, y_pred + offset, num_classes, tokens, grad_loss[row],
+                         grad_y_pred + offset);
+    });
+    return absl::OkStatus();
+  }
+};
+
+// OP_REQUIRES for a bool-returning helper.
+#define OP_REQUIRES_VALUE_OR_FALSE(CTX, EXP, STATUS) \
+  do {                                               \
+    if (!TF_PREDICT_TRUE(EXP)) {                     \
+      (CTX)->CtxFailure(__FILE__, __LINE__, STATUS); \
+      return false;                                  \
+    }                                                \
+  } while (0)
+
+// Attribute parsing and input validation shared by the forward and grad kernels.
+class MaskedMaeOpBase : public OpKernel {
+ public:
+  explicit MaskedMaeOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    std::vector<int64_t> ids;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("masked_tokens", &ids));
+    OP_REQUIRES(ctx, ids.size() <= static_cast<size_t>(kMaxMaskedTokens),
+                absl::InvalidArgumentError(absl::StrCat("at most ", kMaxMaskedTokens,
+                                                        " masked tokens are supported, got ",
+                                                        ids.size())));
+    tokens_.count = static_cast<int>(ids.size());
+    for (size_t k = 0; k < ids.size(); ++k) {
+      OP_REQUIRES(ctx, ids[k] >= 0,
+                  absl::InvalidArgumentError(
+                      absl::StrCat("masked token ids must be >= 0, got ", ids[k])));
+      tokens_.ids[k] = ids[k];
+    }
+  }
+
+ protected:
+  // Checks y_true/y_pred and sets the [rows, num_classes] view and the loss
+  // shape. Returns false (with ctx's status set) on invalid input.
+  bool ValidateInputs(OpKernelContext* ctx, const Tensor& y_true, const Tensor& y_pred,
+                      int64_t* rows, int64_t* num_classes, TensorShape* loss_shape) {
+    OP_REQUIRES_VALUE_OR_FALSE(ctx, y_true.dims() >= 1,
+                               absl::InvalidArgumentError(absl::StrCat(
+                                   "y_true must have rank >= 1 (a last axis of classes), got "
+                                   "shape ",
+                                   y_true.shape().DebugString())));
+    OP_REQUIRES_VALUE_OR_FALSE(
+        ctx, y_true.shape() == y_pred.shape(),
+        absl::InvalidArgumentError(absl::StrCat(
+            "y_true and y_pred must have the same shape, got y_true ",
+            y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
+    *num_classes = y_true.dim_size(y_true.dims() - 1);
+    OP_REQUIRES_VALUE_OR_FALSE(
+        ctx, *num_classes > 0,
+        absl::InvalidArgumentError(
+            absl::StrCat("the last dimension (classes) must be positive, got shape ",
+                         y_true.shape().DebugString())));
+    for (int k = 0; k < tokens_.count; ++k) {
+      OP_REQUIRES_VALUE_OR_FALSE(
+          ctx, tokens_.ids[k] < *num_classes,
+          absl::InvalidArgumentError(absl::StrCat("masked token id ", tokens_.ids[k],
+                                                  " is outside [0, ", *num_classes,
+                                                  ") for inputs with ", *num_classes,
+                                                  " classes")));
+    }
+    *rows = y_true.NumElements() / *num_classes;
+    *loss_shape = y_true.shape();
+    loss_shape->RemoveLastDims(1);
+    return true;
+  }
+
+  MaskedTokenSet tokens_{};
+};
+
+template <typename Device, typename T>
+class MaskedMaeOp : public MaskedMaeOpBase {
+ public:
+  using MaskedMaeOpBase::MaskedMaeOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    int64_t rows, num_classes;
+    TensorShape loss_shape;
+    if (!ValidateInputs(ctx, y_true, y_pred, &rows, &num_classes, &loss_shape)) return;
+    Tensor* loss = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, loss_shape, &loss));
+    if (rows == 0) return;
+    OP_REQUIRES_OK(ctx, MaskedMaeFunctor<Device, T>()(ctx, y_true.flat<T>().data(),
+                                                      y_pred.flat<T>().data(), rows, num_classes,
+                                                      tokens_, loss->flat<T>().data()));
+  }
+};
+
+template <typename Device, typename T>
+class MaskedMaeGradOp : public MaskedMaeOpBase {
+ public:
+  using MaskedMaeOpBase::MaskedMaeOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& y_true = ctx->input(0);
+    const Tensor& y_pred = ctx->input(1);
+    const Tensor& grad_loss = ctx->input(2);
+    int64_t rows, num_classes;
+    TensorShape loss_shape;
+    if (!ValidateInputs(ctx, y_true, y_pred, &rows, &num_classes, &loss_shape)) return;
+    OP_REQUIRES(ctx, grad_loss.shape() == loss_shape,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "grad_loss must have the shape of the loss ", loss_shape.DebugString(),
+                    " (y_pred's shape without its last dimension), got ",
+                    grad_loss.shape().DebugString())));
+    Tensor* grad_y_pred = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_pred.shape(), &grad_y_pred));
+    if (rows == 0) return;
+    OP_REQUIRES_OK(ctx, MaskedMaeGradFunctor<Device, T>()(
+                            ctx, y_true.flat<T>().data(), y_pred.flat<T>().data(),
+                            grad_loss.flat<T>().data(), rows, num_classes, tokens_,
+                            grad_y_pred->flat<T>().data()));
+  }
+};
+
+#define REGISTER_KERNELS(DEVICE_NAME, DEVICE, T)                                          \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("FusedMaskedMae>MaskedMae").Device(DEVICE_NAME).TypeConstraint<T>("T"),        \
+      MaskedMaeOp<DEVICE, T>);                                                            \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("FusedMaskedMae>MaskedMaeGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),    \
+      MaskedMaeGradOp<DEVICE, T>);
+
+#define REGISTER_CPU(T) REGISTER_KERNELS(::tensorflow::DEVICE_CPU, CPUDevice, T)
+TF_CALL_half(REGISTER_CPU);
+TF_CALL_bfloat16(REGISTER_CPU);
+TF_CALL_float(REGISTER_CPU);
+TF_CALL_double(REGISTER_CPU);
+#undef REGISTER_CPU
+
+}  // namespace fused_masked_mae

@@ -1,0 +1,28 @@
+// Device functors for the fused masked MAE op (the tensorflow/addons pattern):
+// the OpKernels in masked_mae_kernels.cc validate inputs and allocate outputs,
+// then call these on CPU or GPU. Inputs are viewed as [rows, num_classes].
+#ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
+#define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
+
+#include "cc/kernels/masked_mae_row.h"
+#include "tensorflow/core/framework/op_kernel.h"
+
+namespace fused_masked_mae {
+
+template <typename Device, typename T>
+struct MaskedMaeFunctor {
+  absl::Status operator()(tensorflow::OpKernelContext* ctx, const T* y_true, const T* y_pred,
+                          int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
+                          T* loss);
+};
+
+template <typename Device, typename T>
+struct MaskedMaeGradFunctor {
+  absl::Status operator()(tensorflow::OpKernelContext* ctx, const T* y_true, const T* y_pred,
+                          const T* grad_loss, int64_t rows, int64_t num_classes,
+                          const MaskedTokenSet& tokens, T* grad_y_pred);
+};
+
+}  // namespace fused_masked_mae
+
+#endif  // FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_

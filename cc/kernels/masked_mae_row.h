@@ -1,0 +1,237 @@
+// The per-row math of the fused masked MAE loss: the single source of truth.
+//
+// For one row of C classes (t = y_true row, p = y_pred row):
+//   keep  = 1 - [argmax t == argmax p] * [argmax t is a masked token]
+//   loss  = keep * (sum_c |p_c - t_c|) / C
+//   dloss/dp_c = ((upstream * keep) / C) * sign(p_c - t_c),   dloss/dt_c = -dloss/dp_c
+//
+// The operation order above mirrors what TensorFlow's autodiff computes for the
+// composite reference (Mul, Mean, Abs, Sub gradients), so float32/float64
+// gradients match it bit for bit; keep * mean (not a branch) keeps NaN/Inf
+// propagation identical to the reference.
+//
+// This header is included by the TensorFlow CPU kernel, the CUDA kernels and the
+// TensorFlow-free pybind11 module. It depends on nothing but the C++ standard
+// library so that nvcc and a plain host compiler both accept it. Element types
+// are converted with static_cast, which Eigen::half/bfloat16, CUDA's
+// __half/__nv_bfloat16 and the host 16-bit types in float16_host.h all support.
+#ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_ROW_H_
+#define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_ROW_H_
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MMAE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MMAE_HOST_DEVICE inline
+#endif
+
+namespace fused_masked_mae {
+
+// The element dtypes the op supports. Each backend maps its own C++ types onto
+// these with ElementKindOf (float and double are mapped here).
+enum class ElementKind { kFloat16, kBFloat16, kFloat32, kFloat64 };
+
+template <typename T>
+struct ElementKindOf;  // Specialized by each backend for its 16-bit types.
+template <>
+struct ElementKindOf<float> {
+  static constexpr ElementKind value = ElementKind::kFloat32;
+};
+template <>
+struct ElementKindOf<double> {
+  static constexpr ElementKind value = ElementKind::kFloat64;
+};
+
+// Accumulate in float32, and in float64 for float64 inputs.
+template <typename T>
+struct AccumulatorOf {
+  using type = float;
+};
+template <>
+struct AccumulatorOf<double> {
+  using type = double;
+};
+
+// The dtype's lowest finite value. tf.math.argmax (Eigen's ArgMax reducer)
+// starts its scan at (index 0, lowest) and moves only to strictly greater
+// values, so an element is an argmax candidate only when it is above this.
+template <typename Acc>
+MMAE_HOST_DEVICE constexpr Acc LowestFinite(ElementKind kind) {
+  return kind == ElementKind::kFloat16    ? Acc(-65504.0)
+         : kind == ElementKind::kBFloat16 ? Acc(-3.38953138925153547590470800371487866880e+38)
+         : kind == ElementKind::kFloat32  ? Acc(-3.40282346638528859811704183484516925440e+38)
+                                          : Acc(-1.79769313486231570814527423731704356798e+308);
+}
+
+// "No candidate seen yet". Larger than any valid index so that the tie rule
+// (smaller index wins) never prefers it.
+constexpr int64_t kNoIndex = INT64_MAX;
+
+// Running argmax of one row, or of any subset of its elements.
+//
+// Observe() must see one state's elements in increasing index order (it keeps
+// the first of equal values). Combine() merges two states of disjoint subsets in
+// any order: it is associative and commutative, so a parallel reduction in any
+// tree shape gives exactly the sequential result:
+//   keep the larger value; on equal values the smaller index; NaN never enters
+//   (NaN > x is false) and neither does a value not above the dtype's lowest.
+// -0.0 and 0.0 compare equal, so they tie, as in tf.math.argmax.
+template <typename Acc>
+struct ArgmaxState {
+  Acc value;
+  int64_t index;
+
+  MMAE_HOST_DEVICE static ArgmaxState Empty(Acc lowest) { return {lowest, kNoIndex}; }
+
+  MMAE_HOST_DEVICE void Observe(Acc v, int64_t i) {
+    const bool take = v > value;  // false for NaN and for v <= lowest
+    value = take ? v : value;
+    index = take ? i : index;
+  }
+
+  MMAE_HOST_DEVICE static ArgmaxState Combine(const ArgmaxState& a, const ArgmaxState& b) {
+    const bool take_b = b.value > a.value || (b.value == a.value && b.index < a.index);
+    return take_b ? b : a;
+  }
+
+  // tf.math.argmax returns 0 when no element is a candidate (all NaN, say).
+  MMAE_HOST_DEVICE int64_t Result() const { return index == kNoIndex ? 0 : index; }
+};
+
+// Everything the loss needs from a (partial) row, in one pass over t and p.
+template <typename Acc>
+struct RowPartial {
+  ArgmaxState<Acc> target;
+  ArgmaxState<Acc> prediction;
+  Acc abs_diff_sum;
+
+  MMAE_HOST_DEVICE static RowPartial Empty(Acc lowest) {
+    return {ArgmaxState<Acc>::Empty(lowest), ArgmaxState<Acc>::Empty(lowest), Acc(0)};
+  }
+
+  MMAE_HOST_DEVICE void Observe(Acc t, Acc p, int64_t i) {
+    target.Observe(t, i);
+    prediction.Observe(p, i);
+    const Acc diff = p - t;
+    abs_diff_sum += diff < Acc(0) ? -diff : diff;  // NaN stays NaN
+  }
+
+  // Not commutative for abs_diff_sum bit patterns: callers combine in a fixed
+  // order so that results are reproducible run to run.
+  MMAE_HOST_DEVICE static RowPartial Combine(const RowPartial& a, const RowPartial& b) {
+    return {ArgmaxState<Acc>::Combine(a.target, b.target),
+            ArgmaxState<Acc>::Combine(a.prediction, b.prediction),
+            a.abs_diff_sum + b.abs_diff_sum};
+  }
+};
+
+// The token ids whose correctly predicted positions cost nothing (the seed's
+// start and end tokens). A fixed capacity keeps it a plain value that can be
+// passed to a CUDA kernel by value; op construction rejects longer lists.
+constexpr int kMaxMaskedTokens = 64;
+
+struct MaskedTokenSet {
+  int count;
+  int64_t ids[kMaxMaskedTokens];
+
+  MMAE_HOST_DEVICE bool Contains(int64_t id) const {
+    bool found = false;
+    for (int k = 0; k < count; ++k) found |= (ids[k] == id);
+    return found;
+  }
+};
+
+// The seed's `cond`: 0 when the target's argmax equals the prediction's and is a
+// masked token, else 1.
+template <typename Acc>
+MMAE_HOST_DEVICE Acc KeepFactor(const RowPartial<Acc>& row, const MaskedTokenSet& tokens) {
+  const int64_t t = row.target.Result();
+  const bool masked = t == row.prediction.Result() && tokens.Contains(t);
+  return masked ? Acc(0) : Acc(1);
+}
+
+template <typename Acc>
+MMAE_HOST_DEVICE Acc RowLoss(const RowPartial<Acc>& row, const MaskedTokenSet& tokens,
+                             int64_t num_classes) {
+  return KeepFactor(row, tokens) * (row.abs_diff_sum / Acc(num_classes));
+}
+
+// The per-row factor of the gradient: (upstream * keep) / C.
+template <typename Acc>
+MMAE_HOST_DEVICE Acc GradientScale(Acc upstream, Acc keep, int64_t num_classes) {
+  return (upstream * keep) / Acc(num_classes);
+}
+
+// tf.sign: -1, 0 or 1, and NaN for NaN (sign(+-0) = 0: no gradient at the kink).
+template <typename Acc>
+MMAE_HOST_DEVICE Acc Sign(Acc x) {
+  return x > Acc(0) ? Acc(1) : (x < Acc(0) ? Acc(-1) : (x == x ? Acc(0) : x));
+}
+
+// d loss / d y_pred for one element.
+template <typename Acc>
+MMAE_HOST_DEVICE Acc PredictionGradient(Acc scale, Acc t, Acc p) {
+  return scale * Sign(p - t);
+}
+
+// ---------------------------------------------------------------------------
+// Whole-row routines for host code (the TensorFlow CPU kernel and the pybind11
+// CPU path). A row is `num_classes` contiguous elements.
+//
+// kHostLanes independent partial states (lane l sees elements l, l + L, ...) let
+// the compiler vectorize the loop without reassociating floats; the lanes are
+// then combined in a fixed order, so the result is deterministic and the sum
+// more accurate than one running total.
+constexpr int kHostLanes = 16;
+
+template <typename T>
+inline RowPartial<typename AccumulatorOf<T>::type> ScanRow(const T* y_true, const T* y_pred,
+                                                          int64_t num_classes) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
+
+  RowPartial<Acc> lanes[kHostLanes];
+  for (int l = 0; l < kHostLanes; ++l) lanes[l] = RowPartial<Acc>::Empty(lowest);
+  const int64_t full = num_classes - num_classes % kHostLanes;
+  for (int64_t base = 0; base < full; base += kHostLanes) {
+    for (int l = 0; l < kHostLanes; ++l) {
+      lanes[l].Observe(static_cast<Acc>(y_true[base + l]), static_cast<Acc>(y_pred[base + l]),
+                       base + l);
+    }
+  }
+  for (int64_t i = full; i < num_classes; ++i) {
+    lanes[i - full].Observe(static_cast<Acc>(y_true[i]), static_cast<Acc>(y_pred[i]), i);
+  }
+  // Pairwise tree over the lanes, always in the same order.
+  for (int width = kHostLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) lanes[l] = RowPartial<Acc>::Combine(lanes[l], lanes[l + width]);
+  }
+  return lanes[0];
+}
+
+template <typename T>
+inline T ComputeRowLoss(const T* y_true, const T* y_pred, int64_t num_classes,
+                        const MaskedTokenSet& tokens) {
+  return static_cast<T>(RowLoss(ScanRow(y_true, y_pred, num_classes), tokens, num_classes));
+}
+
+// Writes d loss / d y_pred for one row. Scans the row once for the argmaxes
+// (the keep factor needs the whole row), then writes every element.
+template <typename T>
+inline void ComputeRowGradient(const T* y_true, const T* y_pred, int64_t num_classes,
+                               const MaskedTokenSet& tokens, T upstream, T* grad_y_pred) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const Acc keep = KeepFactor(ScanRow(y_true, y_pred, num_classes), tokens);
+  // Rounded to T as TensorFlow does when it computes the reference in T.
+  const Acc scale = static_cast<Acc>(
+      static_cast<T>(GradientScale(static_cast<Acc>(upstream), keep, num_classes)));
+  for (int64_t i = 0; i < num_classes; ++i) {
+    grad_y_pred[i] = static_cast<T>(
+        PredictionGradient(scale, static_cast<Acc>(y_true[i]), static_cast<Acc>(y_pred[i])));
+  }
+}
+
+}  // namespace fused_masked_mae
+
+#endif  // FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_ROW_H_

@@ -1,0 +1,97 @@
+// Op registration and shape functions for the fused masked MAE loss.
+//
+// Shape functions reject what can be known at graph-construction time (ranks,
+// unequal static shapes, C = 0, token ids >= a static C); the kernels re-check
+// everything at run time, where shapes are always known.
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace fused_masked_mae {
+
+using ::tensorflow::Status;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+namespace {
+
+// y_true and y_pred: rank >= 1, the same shape, a positive last dimension, and
+// masked token ids below it. Sets *merged to their common shape.
+Status ValidatePair(InferenceContext* c, ShapeHandle y_true, ShapeHandle y_pred,
+                    ShapeHandle* merged) {
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(y_true, 1, &y_true));
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(y_pred, 1, &y_pred));
+  if (!c->Merge(y_true, y_pred, merged).ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("y_true and y_pred must have the same shape, got y_true ",
+                     c->DebugString(y_true), " and y_pred ", c->DebugString(y_pred)));
+  }
+  DimensionHandle classes = c->Dim(*merged, -1);
+  if (c->ValueKnown(classes)) {
+    const int64_t num_classes = c->Value(classes);
+    if (num_classes == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the last dimension (classes) must be positive, got shape ", c->DebugString(*merged)));
+    }
+    std::vector<int64_t> tokens;
+    TF_RETURN_IF_ERROR(c->GetAttr("masked_tokens", &tokens));
+    for (int64_t token : tokens) {
+      if (token < 0 || token >= num_classes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("masked token id ", token, " is outside [0, ", num_classes,
+                         ") for inputs with ", num_classes, " classes"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+Status MaskedMaeShape(InferenceContext* c) {
+  ShapeHandle merged;
+  TF_RETURN_IF_ERROR(ValidatePair(c, c->input(0), c->input(1), &merged));
+  ShapeHandle loss_shape;
+  TF_RETURN_IF_ERROR(c->Subshape(merged, 0, -1, &loss_shape));
+  c->set_output(0, loss_shape);
+  return absl::OkStatus();
+}
+
+Status MaskedMaeGradShape(InferenceContext* c) {
+  ShapeHandle merged;
+  TF_RETURN_IF_ERROR(ValidatePair(c, c->input(0), c->input(1), &merged));
+  ShapeHandle loss_shape, unused;
+  TF_RETURN_IF_ERROR(c->Subshape(merged, 0, -1, &loss_shape));
+  if (!c->Merge(c->input(2), loss_shape, &unused).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grad_loss must have the shape of the loss ", c->DebugString(loss_shape),
+        " (y_pred's shape without its last dimension), got ", c->DebugString(c->input(2))));
+  }
+  c->set_output(0, merged);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// loss[...] = keep * mean(|y_pred - y_true|, axis=-1), where keep = 0 when
+// argmax(y_true) == argmax(y_pred) (tf.math.argmax semantics: first index of the
+// maximum, NaN never selected) and that id is in masked_tokens, else 1.
+REGISTER_OP("FusedMaskedMae>MaskedMae")
+    .Input("y_true: T")
+    .Input("y_pred: T")
+    .Output("loss: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("masked_tokens: list(int) = []")
+    .SetShapeFn(MaskedMaeShape);
+
+// grad_y_pred = grad_loss[..., None] * keep / C * sign(y_pred - y_true), sign(0) = 0.
+// The gradient for y_true is its negative; nothing flows through the argmax.
+REGISTER_OP("FusedMaskedMae>MaskedMaeGrad")
+    .Input("y_true: T")
+    .Input("y_pred: T")
+    .Input("grad_loss: T")
+    .Output("grad_y_pred: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("masked_tokens: list(int) = []")
+    .SetShapeFn(MaskedMaeGradShape);
+
+}  // namespace fused_masked_mae
