@@ -18,6 +18,10 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/util/work_sharder.h"
 
+#if GOOGLE_CUDA
+#include "cc/kernels/masked_mae_cuda.h"
+#endif
+
 namespace fused_masked_mae {
 
 template <>
@@ -82,6 +86,61 @@ struct MaskedMaeGradFunctor<CPUDevice, T> {
     return absl::OkStatus();
   }
 };
+
+#if GOOGLE_CUDA
+// TensorFlow's 16-bit types and CUDA's share their bit layout.
+template <typename T>
+struct CudaTypeOf {
+  using type = T;
+};
+template <>
+struct CudaTypeOf<Eigen::half> {
+  using type = __half;
+};
+template <>
+struct CudaTypeOf<Eigen::bfloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename CudaTypeOf<T>::type* AsCuda(const T* ptr) {
+  return reinterpret_cast<const typename CudaTypeOf<T>::type*>(ptr);
+}
+template <typename T>
+typename CudaTypeOf<T>::type* AsCuda(T* ptr) {
+  return reinterpret_cast<typename CudaTypeOf<T>::type*>(ptr);
+}
+
+absl::Status LaunchStatus(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("launching the ", what, " CUDA kernel failed: ", cudaGetErrorString(error)));
+}
+
+template <typename T>
+struct MaskedMaeFunctor<GPUDevice, T> {
+  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred, int64_t rows,
+                          int64_t num_classes, const MaskedTokenSet& tokens, T* loss) {
+    return LaunchStatus(
+        LaunchMaskedMaeForward(AsCuda(y_true), AsCuda(y_pred), rows, num_classes, tokens,
+                               AsCuda(loss), ctx->eigen_device<GPUDevice>().stream()),
+        "masked MAE forward");
+  }
+};
+
+template <typename T>
+struct MaskedMaeGradFunctor<GPUDevice, T> {
+  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred,
+                          const T* grad_loss, int64_t rows, int64_t num_classes,
+                          const MaskedTokenSet& tokens, T* grad_y_pred) {
+    return LaunchStatus(
+        LaunchMaskedMaeGradient(AsCuda(y_true), AsCuda(y_pred), AsCuda(grad_loss), rows,
+                                num_classes, tokens, AsCuda(grad_y_pred),
+                                ctx->eigen_device<GPUDevice>().stream()),
+        "masked MAE gradient");
+  }
+};
+#endif  // GOOGLE_CUDA
 
 // OP_REQUIRES for a bool-returning helper.
 #define OP_REQUIRES_VALUE_OR_FALSE(CTX, EXP, STATUS) \
@@ -210,5 +269,14 @@ TF_CALL_bfloat16(REGISTER_CPU);
 TF_CALL_float(REGISTER_CPU);
 TF_CALL_double(REGISTER_CPU);
 #undef REGISTER_CPU
+
+#if GOOGLE_CUDA
+#define REGISTER_GPU(T) REGISTER_KERNELS(::tensorflow::DEVICE_GPU, GPUDevice, T)
+TF_CALL_half(REGISTER_GPU);
+TF_CALL_bfloat16(REGISTER_GPU);
+TF_CALL_float(REGISTER_GPU);
+TF_CALL_double(REGISTER_GPU);
+#undef REGISTER_GPU
+#endif  // GOOGLE_CUDA
 
 }  // namespace fused_masked_mae

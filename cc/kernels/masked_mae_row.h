@@ -169,10 +169,18 @@ MMAE_HOST_DEVICE Acc Sign(Acc x) {
   return x > Acc(0) ? Acc(1) : (x < Acc(0) ? Acc(-1) : (x == x ? Acc(0) : x));
 }
 
-// d loss / d y_pred for one element.
-template <typename Acc>
-MMAE_HOST_DEVICE Acc PredictionGradient(Acc scale, Acc t, Acc p) {
-  return scale * Sign(p - t);
+// The row's gradient factor as the reference computes it in T: rounded to T
+// (as TensorFlow's Mean gradient does), then widened back for the products.
+template <typename T, typename Acc>
+MMAE_HOST_DEVICE Acc RowGradientScale(T upstream, Acc keep, int64_t num_classes) {
+  return static_cast<Acc>(
+      static_cast<T>(GradientScale(static_cast<Acc>(upstream), keep, num_classes)));
+}
+
+// d loss / d y_pred for one element; d loss / d y_true is its negative.
+template <typename T, typename Acc>
+MMAE_HOST_DEVICE T ElementGradient(Acc scale, T y_true, T y_pred) {
+  return static_cast<T>(scale * Sign(static_cast<Acc>(y_pred) - static_cast<Acc>(y_true)));
 }
 
 // ---------------------------------------------------------------------------
@@ -223,12 +231,9 @@ inline void ComputeRowGradient(const T* y_true, const T* y_pred, int64_t num_cla
                                const MaskedTokenSet& tokens, T upstream, T* grad_y_pred) {
   using Acc = typename AccumulatorOf<T>::type;
   const Acc keep = KeepFactor(ScanRow(y_true, y_pred, num_classes), tokens);
-  // Rounded to T as TensorFlow does when it computes the reference in T.
-  const Acc scale = static_cast<Acc>(
-      static_cast<T>(GradientScale(static_cast<Acc>(upstream), keep, num_classes)));
+  const Acc scale = RowGradientScale(upstream, keep, num_classes);
   for (int64_t i = 0; i < num_classes; ++i) {
-    grad_y_pred[i] = static_cast<T>(
-        PredictionGradient(scale, static_cast<Acc>(y_true[i]), static_cast<Acc>(y_pred[i])));
+    grad_y_pred[i] = ElementGradient(scale, y_true[i], y_pred[i]);
   }
 }
 

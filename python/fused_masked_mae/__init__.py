@@ -2,12 +2,14 @@
 
     from fused_masked_mae import MaskedMAE
     model.compile(optimizer="adam", loss=MaskedMAE(start_token=2, end_token=1548))
+
+Without TensorFlow installed (e.g. a GPU test machine), only the TF-free
+kernels are available: `fused_masked_mae.core` and `fused_masked_mae._core`.
 """
 
-from fused_masked_mae.ops import masked_mae, masked_mae_tokens
-from fused_masked_mae.reference import reference_masked_mae, reference_masked_mae_tokens
-from fused_masked_mae.losses import MaskedMAE
+import importlib.util
 
+__version__ = "0.1.0"
 __all__ = [
     "MaskedMAE",
     "masked_mae",
@@ -15,4 +17,19 @@ __all__ = [
     "reference_masked_mae",
     "reference_masked_mae_tokens",
 ]
-__version__ = "0.1.0"
+
+if importlib.util.find_spec("tensorflow") is not None:
+    # Importing these loads the op library and registers the Keras loss for
+    # deserialization, so `import fused_masked_mae` is all a saved model needs.
+    from fused_masked_mae.ops import masked_mae, masked_mae_tokens
+    from fused_masked_mae.reference import reference_masked_mae, reference_masked_mae_tokens
+    from fused_masked_mae.losses import MaskedMAE
+else:
+
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(
+                f"fused_masked_mae.{name} needs TensorFlow (pip install the wheel's pinned "
+                "tensorflow); without it only fused_masked_mae.core is available"
+            )
+        raise AttributeError(f"module 'fused_masked_mae' has no attribute {name!r}")

@@ -1,0 +1,263 @@
+// fused_masked_mae._core: the loss and its gradient without TensorFlow.
+//
+// - forward / gradient: NumPy arrays on the CPU, through the same row code
+//   (masked_mae_row.h) as the TensorFlow CPU kernel.
+// - cuda_forward / cuda_gradient: raw device pointers (from CuPy or PyTorch,
+//   see python/fused_masked_mae/core.py), through the same CUDA launchers as
+//   the TensorFlow GPU kernels. Present when built with nvcc.
+// Every entry point validates its arguments before touching memory and raises
+// ValueError/TypeError naming the offending values.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cc/core/host_float16.h"
+#include "cc/kernels/masked_mae_row.h"
+
+#ifdef FUSED_MASKED_MAE_WITH_CUDA
+#include "cc/kernels/masked_mae_cuda.h"
+#endif
+
+namespace py = pybind11;
+
+namespace fused_masked_mae {
+namespace {
+
+[[noreturn]] void Fail(const std::string& message) { throw py::value_error(message); }
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+MaskedTokenSet MakeTokenSet(const std::vector<int64_t>& ids, int64_t num_classes) {
+  if (ids.size() > static_cast<size_t>(kMaxMaskedTokens)) {
+    Fail("at most " + std::to_string(kMaxMaskedTokens) + " masked tokens are supported, got " +
+         std::to_string(ids.size()));
+  }
+  MaskedTokenSet tokens{};
+  tokens.count = static_cast<int>(ids.size());
+  for (size_t k = 0; k < ids.size(); ++k) {
+    if (ids[k] < 0 || ids[k] >= num_classes) {
+      Fail("masked token id " + std::to_string(ids[k]) + " is outside [0, " +
+           std::to_string(num_classes) + ") for inputs with " + std::to_string(num_classes) +
+           " classes");
+    }
+    tokens.ids[k] = ids[k];
+  }
+  return tokens;
+}
+
+// The [rows, num_classes] view of a row-major shape, after checking it.
+struct RowView {
+  int64_t rows;
+  int64_t num_classes;
+};
+
+RowView CheckRowShape(const std::vector<int64_t>& shape) {
+  if (shape.empty()) Fail("inputs must have rank >= 1 (a last axis of classes), got shape []");
+  int64_t total = 1;
+  for (int64_t d : shape) {
+    if (d < 0) Fail("negative dimension in shape " + ShapeString(shape));
+    if (d != 0 && total > std::numeric_limits<int64_t>::max() / d) {
+      Fail("shape " + ShapeString(shape) + " has more than 2^63 elements");
+    }
+    total *= d;
+  }
+  const int64_t num_classes = shape.back();
+  if (num_classes <= 0) {
+    Fail("the last dimension (classes) must be positive, got shape " + ShapeString(shape));
+  }
+  return {total / num_classes, num_classes};
+}
+
+// --- CPU (NumPy) -----------------------------------------------------------
+
+std::vector<int64_t> ShapeOf(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+void CheckCpuArray(const py::array& a, const char* name, const py::dtype& dtype) {
+  if (!(a.flags() & py::array::c_style)) {
+    Fail(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
+  }
+  if (!a.dtype().is(dtype)) {
+    throw py::type_error(std::string(name) + " has dtype " + py::str(a.dtype()).cast<std::string>() +
+                         ", expected " + py::str(dtype).cast<std::string>());
+  }
+}
+
+// Calls fn(T-typed zero) for the element type of `dtype`.
+template <typename Fn>
+auto DispatchCpuDtype(const py::array& a, Fn&& fn) {
+  const std::string name = py::str(a.dtype().attr("name"));
+  if (name == "float32") return fn(float{});
+  if (name == "float64") return fn(double{});
+  if (name == "float16") return fn(HostHalf{});
+  if (name == "bfloat16" && a.itemsize() == 2) return fn(HostBFloat16{});
+  throw py::type_error("inputs must be float16, bfloat16 (ml_dtypes), float32 or float64, got " +
+                       name);
+}
+
+RowView CheckPair(const py::array& y_true, const py::array& y_pred) {
+  if (ShapeOf(y_true) != ShapeOf(y_pred)) {
+    Fail("y_true and y_pred must have the same shape, got y_true " + ShapeString(ShapeOf(y_true)) +
+         " and y_pred " + ShapeString(ShapeOf(y_pred)));
+  }
+  return CheckRowShape(ShapeOf(y_pred));
+}
+
+py::array Forward(const py::array& y_true, const py::array& y_pred,
+                  const std::vector<int64_t>& masked_tokens) {
+  const RowView view = CheckPair(y_true, y_pred);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  CheckCpuArray(y_true, "y_true", y_pred.dtype());
+  CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
+  std::vector<int64_t> loss_shape = ShapeOf(y_pred);
+  loss_shape.pop_back();
+  return DispatchCpuDtype(y_pred, [&](auto zero) {
+    using T = decltype(zero);
+    py::array loss(y_pred.dtype(), loss_shape);
+    const T* t = static_cast<const T*>(y_true.data());
+    const T* p = static_cast<const T*>(y_pred.data());
+    T* out = static_cast<T*>(loss.mutable_data());
+    py::gil_scoped_release release;
+    for (int64_t row = 0; row < view.rows; ++row) {
+      const int64_t offset = row * view.num_classes;
+      out[row] = ComputeRowLoss(t + offset, p + offset, view.num_classes, tokens);
+    }
+    return loss;
+  });
+}
+
+py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
+                   const std::vector<int64_t>& masked_tokens) {
+  const RowView view = CheckPair(y_true, y_pred);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  std::vector<int64_t> loss_shape = ShapeOf(y_pred);
+  loss_shape.pop_back();
+  if (ShapeOf(grad_loss) != loss_shape) {
+    Fail("grad_loss must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
+         ShapeString(ShapeOf(grad_loss)));
+  }
+  CheckCpuArray(y_true, "y_true", y_pred.dtype());
+  CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
+  CheckCpuArray(grad_loss, "grad_loss", y_pred.dtype());
+  return DispatchCpuDtype(y_pred, [&](auto zero) {
+    using T = decltype(zero);
+    py::array grad(y_pred.dtype(), ShapeOf(y_pred));
+    const T* t = static_cast<const T*>(y_true.data());
+    const T* p = static_cast<const T*>(y_pred.data());
+    const T* g = static_cast<const T*>(grad_loss.data());
+    T* out = static_cast<T*>(grad.mutable_data());
+    py::gil_scoped_release release;
+    for (int64_t row = 0; row < view.rows; ++row) {
+      const int64_t offset = row * view.num_classes;
+      ComputeRowGradient(t + offset, p + offset, view.num_classes, tokens, g[row], out + offset);
+    }
+    return grad;
+  });
+}
+
+// --- CUDA (device pointers) -------------------------------------------------
+#ifdef FUSED_MASKED_MAE_WITH_CUDA
+
+template <typename Fn>
+cudaError_t DispatchCudaDtype(const std::string& dtype, Fn&& fn) {
+  if (dtype == "float32") return fn(float{});
+  if (dtype == "float64") return fn(double{});
+  if (dtype == "float16") return fn(__half{});
+  if (dtype == "bfloat16") return fn(__nv_bfloat16{});
+  throw py::type_error("dtype must be float16, bfloat16, float32 or float64, got " + dtype);
+}
+
+void CheckCudaPointer(uintptr_t ptr, const char* name, int64_t rows) {
+  if (rows > 0 && ptr == 0) Fail(std::string(name) + " is a null device pointer");
+}
+
+void CheckCudaStatus(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + " CUDA launch failed: " +
+                             cudaGetErrorString(status));
+  }
+}
+
+void CudaForward(uintptr_t y_true, uintptr_t y_pred, uintptr_t loss,
+                 const std::vector<int64_t>& shape, const std::string& dtype,
+                 const std::vector<int64_t>& masked_tokens, uintptr_t stream) {
+  const RowView view = CheckRowShape(shape);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  CheckCudaPointer(y_true, "y_true", view.rows);
+  CheckCudaPointer(y_pred, "y_pred", view.rows);
+  CheckCudaPointer(loss, "loss", view.rows);
+  py::gil_scoped_release release;
+  CheckCudaStatus(DispatchCudaDtype(dtype,
+                                    [&](auto zero) {
+                                      using T = decltype(zero);
+                                      return LaunchMaskedMaeForward(
+                                          reinterpret_cast<const T*>(y_true),
+                                          reinterpret_cast<const T*>(y_pred), view.rows,
+                                          view.num_classes, tokens, reinterpret_cast<T*>(loss),
+                                          reinterpret_cast<cudaStream_t>(stream));
+                                    }),
+                  "masked MAE forward");
+}
+
+void CudaGradient(uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss, uintptr_t grad_y_pred,
+                  const std::vector<int64_t>& shape, const std::string& dtype,
+                  const std::vector<int64_t>& masked_tokens, uintptr_t stream) {
+  const RowView view = CheckRowShape(shape);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  CheckCudaPointer(y_true, "y_true", view.rows);
+  CheckCudaPointer(y_pred, "y_pred", view.rows);
+  CheckCudaPointer(grad_loss, "grad_loss", view.rows);
+  CheckCudaPointer(grad_y_pred, "grad_y_pred", view.rows);
+  py::gil_scoped_release release;
+  CheckCudaStatus(DispatchCudaDtype(dtype,
+                                    [&](auto zero) {
+                                      using T = decltype(zero);
+                                      return LaunchMaskedMaeGradient(
+                                          reinterpret_cast<const T*>(y_true),
+                                          reinterpret_cast<const T*>(y_pred),
+                                          reinterpret_cast<const T*>(grad_loss), view.rows,
+                                          view.num_classes, tokens,
+                                          reinterpret_cast<T*>(grad_y_pred),
+                                          reinterpret_cast<cudaStream_t>(stream));
+                                    }),
+                  "masked MAE gradient");
+}
+
+#endif  // FUSED_MASKED_MAE_WITH_CUDA
+
+}  // namespace
+}  // namespace fused_masked_mae
+
+PYBIND11_MODULE(_core, m) {
+  using namespace fused_masked_mae;
+  m.doc() = "Fused masked MAE loss and gradient without TensorFlow (NumPy on CPU, CUDA pointers).";
+  m.def("forward", &Forward, py::arg("y_true"), py::arg("y_pred"),
+        py::arg("masked_tokens") = std::vector<int64_t>{},
+        "Per-position loss [...] for C-contiguous NumPy arrays [..., C].");
+  m.def("gradient", &Gradient, py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"),
+        py::arg("masked_tokens") = std::vector<int64_t>{},
+        "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative).");
+  m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
+#ifdef FUSED_MASKED_MAE_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+  m.def("cuda_forward", &CudaForward, py::arg("y_true"), py::arg("y_pred"), py::arg("loss"),
+        py::arg("shape"), py::arg("dtype"), py::arg("masked_tokens"), py::arg("stream"),
+        "Launches the forward kernel on raw device pointers (row-major, contiguous).");
+  m.def("cuda_gradient", &CudaGradient, py::arg("y_true"), py::arg("y_pred"),
+        py::arg("grad_loss"), py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"),
+        py::arg("masked_tokens"), py::arg("stream"),
+        "Launches the gradient kernel on raw device pointers (row-major, contiguous).");
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,34 @@
+// TensorFlow-free entry points to the CUDA kernels, shared by the TensorFlow GPU
+// kernels (masked_mae_kernels.cc) and the pybind11 core (cc/core/). Inputs are
+// row-major [rows, num_classes] device arrays; callers validate shapes, token
+// ids (< num_classes) and rows * num_classes (fits int64) before launching.
+#ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CUDA_H_
+#define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CUDA_H_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cc/kernels/masked_mae_row.h"
+
+namespace fused_masked_mae {
+
+// T is float, double, __half or __nv_bfloat16. Launches nothing for rows == 0.
+// Returns the launch status (asynchronous execution errors surface later on
+// the stream, as for any CUDA kernel).
+template <typename T>
+cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
+                                   int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
+                                   cudaStream_t stream);
+
+template <typename T>
+cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad_loss,
+                                    int64_t rows, int64_t num_classes,
+                                    const MaskedTokenSet& tokens, T* grad_y_pred,
+                                    cudaStream_t stream);
+
+}  // namespace fused_masked_mae
+
+#endif  // FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CUDA_H_

@@ -1,0 +1,262 @@
+// CUDA kernels for the fused masked MAE loss and its gradient.
+//
+// TensorFlow-free (compiled by nvcc without TF headers) so that the same object
+// serves the TensorFlow GPU kernels and the pybind11 core. The math is
+// masked_mae_row.h's; this file only maps rows onto threads:
+//   - small rows: a group of 1..32 lanes of a warp per row, several rows per block;
+//   - large rows: a whole block (64..512 threads) per row.
+// Within a row, element i belongs to 16-byte chunk i / kVec, and lane l visits
+// chunks l, l + group, ... in increasing order. That assignment depends only on
+// num_classes, never on addresses (alignment only decides whether a chunk is
+// read with one 16-byte load or element by element), and the reductions use a
+// fixed butterfly/tree order with no atomics: results are bitwise reproducible.
+#include <algorithm>
+
+#include "cc/kernels/masked_mae_cuda.h"
+
+namespace fused_masked_mae {
+
+template <>
+struct ElementKindOf<__half> {
+  static constexpr ElementKind value = ElementKind::kFloat16;
+};
+template <>
+struct ElementKindOf<__nv_bfloat16> {
+  static constexpr ElementKind value = ElementKind::kBFloat16;
+};
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kRowsPerWarpBlockThreads = 256;  // block size when a row fits in a warp
+constexpr int kMaxRowBlockThreads = 512;       // largest block for one row
+constexpr int64_t kMaxGridBlocks = 1 << 20;    // grid-stride beyond this
+constexpr int kChunksPerLane = 4;              // work per lane that sizes the group
+
+template <typename T>
+struct KernelParams {
+  const T* y_true;
+  const T* y_pred;
+  const T* grad_loss;  // gradient kernel only
+  T* out;              // loss [rows] or grad_y_pred [rows, num_classes]
+  int64_t rows;
+  int64_t num_classes;
+  MaskedTokenSet tokens;
+};
+
+template <typename T>
+struct Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ bool Aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
+}
+
+// One 16-byte chunk of T, loaded/stored as a single uint4.
+template <typename T>
+union Chunk {
+  uint4 raw;
+  T values[Vec<T>::kSize];
+  __device__ Chunk() {}
+};
+
+template <typename T, typename Acc>
+__device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const T* t, const T* p,
+                                                          int64_t num_classes, bool vector_ok,
+                                                          int lane, int group, Acc lowest) {
+  constexpr int kVec = Vec<T>::kSize;
+  RowPartial<Acc> part = RowPartial<Acc>::Empty(lowest);
+  const int64_t chunks = (num_classes + kVec - 1) / kVec;
+  for (int64_t c = lane; c < chunks; c += group) {
+    const int64_t first = c * kVec;
+    if (vector_ok && first + kVec <= num_classes) {
+      Chunk<T> tc, pc;
+      tc.raw = __ldg(reinterpret_cast<const uint4*>(t + first));
+      pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        part.Observe(static_cast<Acc>(tc.values[k]), static_cast<Acc>(pc.values[k]), first + k);
+      }
+    } else {
+      const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
+      for (int64_t i = first; i < last; ++i) {
+        part.Observe(static_cast<Acc>(t[i]), static_cast<Acc>(p[i]), i);
+      }
+    }
+  }
+  return part;
+}
+
+template <typename Acc>
+__device__ __forceinline__ RowPartial<Acc> ShuffleXor(const RowPartial<Acc>& a, int mask,
+                                                      int width) {
+  RowPartial<Acc> b;
+  b.target.value = __shfl_xor_sync(kFullMask, a.target.value, mask, width);
+  b.target.index = static_cast<int64_t>(
+      __shfl_xor_sync(kFullMask, static_cast<long long>(a.target.index), mask, width));
+  b.prediction.value = __shfl_xor_sync(kFullMask, a.prediction.value, mask, width);
+  b.prediction.index = static_cast<int64_t>(
+      __shfl_xor_sync(kFullMask, static_cast<long long>(a.prediction.index), mask, width));
+  b.abs_diff_sum = __shfl_xor_sync(kFullMask, a.abs_diff_sum, mask, width);
+  return b;
+}
+
+// Butterfly over `width` lanes (a power of two <= 32). Every lane ends with the
+// same result: Combine is commutative for argmax, and a + b == b + a in IEEE.
+template <typename Acc>
+__device__ __forceinline__ RowPartial<Acc> WarpReduce(RowPartial<Acc> part, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    part = RowPartial<Acc>::Combine(part, ShuffleXor(part, offset, width));
+  }
+  return part;
+}
+
+// Whole-block reduction for a block-per-row launch; all threads get the result.
+template <typename Acc>
+__device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc lowest) {
+  __shared__ RowPartial<Acc> warp_parts[kMaxRowBlockThreads / kWarpSize];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  part = WarpReduce(part, kWarpSize);
+  if (lane == 0) warp_parts[warp] = part;
+  __syncthreads();
+  if (warp == 0) {
+    part = lane < num_warps ? warp_parts[lane] : RowPartial<Acc>::Empty(lowest);
+    part = WarpReduce(part, kWarpSize);
+    if (lane == 0) warp_parts[0] = part;
+  }
+  __syncthreads();
+  part = warp_parts[0];
+  __syncthreads();  // warp_parts is reused by the next row
+  return part;
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ void WriteLaneGradient(const T* t, const T* p, T* grad,
+                                                  int64_t num_classes, bool vector_ok,
+                                                  int lane, int group, Acc scale) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int64_t chunks = (num_classes + kVec - 1) / kVec;
+  for (int64_t c = lane; c < chunks; c += group) {
+    const int64_t first = c * kVec;
+    if (vector_ok && first + kVec <= num_classes) {
+      Chunk<T> tc, pc, gc;
+      tc.raw = __ldg(reinterpret_cast<const uint4*>(t + first));
+      pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) gc.values[k] = ElementGradient(scale, tc.values[k], pc.values[k]);
+      *reinterpret_cast<uint4*>(grad + first) = gc.raw;
+    } else {
+      const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
+      for (int64_t i = first; i < last; ++i) grad[i] = ElementGradient(scale, t[i], p[i]);
+    }
+  }
+}
+
+// kGroup: lanes per row (1..32), or 0 for one whole block per row.
+template <typename T, int kGroup, bool kGradient>
+__global__ void __launch_bounds__(kMaxRowBlockThreads) MaskedMaeKernel(KernelParams<T> params) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
+  const int group = kGroup > 0 ? kGroup : static_cast<int>(blockDim.x);
+  const int lane = threadIdx.x % group;
+  const int64_t rows_per_block = blockDim.x / group;
+  const int64_t num_classes = params.num_classes;
+
+  // The loop bound is uniform over the block, so every lane reaches the
+  // shuffles and barriers; lanes past the last row just carry empty states.
+  for (int64_t first_row = blockIdx.x * rows_per_block; first_row < params.rows;
+       first_row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = first_row + threadIdx.x / group;
+    const bool valid = row < params.rows;
+    const int64_t offset = (valid ? row : 0) * num_classes;
+    const T* t = params.y_true + offset;
+    const T* p = params.y_pred + offset;
+    bool vector_ok = Aligned16(t) && Aligned16(p);
+    if (kGradient) vector_ok = vector_ok && Aligned16(params.out + offset);
+
+    RowPartial<Acc> part = valid
+                               ? ScanLaneChunks(t, p, num_classes, vector_ok, lane, group, lowest)
+                               : RowPartial<Acc>::Empty(lowest);
+    part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, lowest);
+    if (!valid) continue;
+
+    if (!kGradient) {
+      if (lane == 0) params.out[row] = static_cast<T>(RowLoss(part, params.tokens, num_classes));
+    } else {
+      const Acc scale =
+          RowGradientScale(params.grad_loss[row], KeepFactor(part, params.tokens), num_classes);
+      WriteLaneGradient(t, p, params.out + offset, num_classes, vector_ok, lane, group, scale);
+    }
+  }
+}
+
+int NextPowerOfTwo(int64_t n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+template <typename T, bool kGradient>
+cudaError_t Launch(const KernelParams<T>& params, cudaStream_t stream) {
+  if (params.rows == 0) return cudaSuccess;
+  const int64_t chunks = (params.num_classes + Vec<T>::kSize - 1) / Vec<T>::kSize;
+  const int64_t lanes_wanted = (chunks + kChunksPerLane - 1) / kChunksPerLane;
+  if (lanes_wanted <= kWarpSize) {
+    const int group = NextPowerOfTwo(lanes_wanted);
+    const int64_t rows_per_block = kRowsPerWarpBlockThreads / group;
+    const int64_t blocks =
+        std::min((params.rows + rows_per_block - 1) / rows_per_block, kMaxGridBlocks);
+    const dim3 grid(static_cast<unsigned>(blocks)), block(kRowsPerWarpBlockThreads);
+    switch (group) {
+      case 1: MaskedMaeKernel<T, 1, kGradient><<<grid, block, 0, stream>>>(params); break;
+      case 2: MaskedMaeKernel<T, 2, kGradient><<<grid, block, 0, stream>>>(params); break;
+      case 4: MaskedMaeKernel<T, 4, kGradient><<<grid, block, 0, stream>>>(params); break;
+      case 8: MaskedMaeKernel<T, 8, kGradient><<<grid, block, 0, stream>>>(params); break;
+      case 16: MaskedMaeKernel<T, 16, kGradient><<<grid, block, 0, stream>>>(params); break;
+      default: MaskedMaeKernel<T, 32, kGradient><<<grid, block, 0, stream>>>(params); break;
+    }
+  } else {
+    const int threads = static_cast<int>(
+        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, NextPowerOfTwo(lanes_wanted))));
+    const int64_t blocks = std::min(params.rows, kMaxGridBlocks);
+    MaskedMaeKernel<T, 0, kGradient>
+        <<<dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream>>>(params);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
+                                   int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
+                                   cudaStream_t stream) {
+  return Launch<T, false>({y_true, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
+}
+
+template <typename T>
+cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad_loss,
+                                    int64_t rows, int64_t num_classes,
+                                    const MaskedTokenSet& tokens, T* grad_y_pred,
+                                    cudaStream_t stream) {
+  return Launch<T, true>({y_true, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens},
+                         stream);
+}
+
+#define INSTANTIATE(T)                                                                       \
+  template cudaError_t LaunchMaskedMaeForward<T>(const T*, const T*, int64_t, int64_t,       \
+                                                 const MaskedTokenSet&, T*, cudaStream_t);   \
+  template cudaError_t LaunchMaskedMaeGradient<T>(const T*, const T*, const T*, int64_t,     \
+                                                  int64_t, const MaskedTokenSet&, T*,        \
+                                                  cudaStream_t);
+INSTANTIATE(__half)
+INSTANTIATE(__nv_bfloat16)
+INSTANTIATE(float)
+INSTANTIATE(double)
+#undef INSTANTIATE
+
+}  // namespace fused_masked_mae

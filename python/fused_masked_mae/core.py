@@ -1,0 +1,145 @@
+"""TensorFlow-free access to the fused kernels.
+
+    from fused_masked_mae import core
+    loss = core.forward(y_true, y_pred, masked_tokens=[start, end])
+    grad = core.gradient(y_true, y_pred, grad_loss, masked_tokens=[start, end])
+
+NumPy arrays run on the CPU (the TensorFlow CPU kernel's row code). PyTorch CUDA
+tensors and CuPy arrays (anything with `__cuda_array_interface__`) run the CUDA
+kernels on the array's current stream, when `_core` was built with nvcc.
+Results come back as the input's array type; `out=` writes into a given one.
+The gradient is d loss / d y_pred; d loss / d y_true is its negative.
+"""
+
+import numpy as np
+
+from fused_masked_mae import _core
+
+_TYPESTR_DTYPES = {"<f2": "float16", "<f4": "float32", "<f8": "float64"}
+_SUPPORTED = ("float16", "bfloat16", "float32", "float64")
+
+
+class _DeviceArray:
+    """What the CUDA launchers need from a CuPy array or a PyTorch CUDA tensor."""
+
+    def __init__(self, array, name):
+        self.array = array
+        self.name = name
+        module = type(array).__module__.split(".")[0]
+        if module == "torch":
+            # Read torch tensors directly: their __cuda_array_interface__ refuses bfloat16.
+            import torch
+
+            self.ptr = array.data_ptr()
+            self.shape = tuple(array.shape)
+            self.dtype = str(array.dtype).replace("torch.", "")
+            self.contiguous = array.is_contiguous()
+            self.device = ("cuda", array.device.index)
+            self.stream = torch.cuda.current_stream(array.device).cuda_stream
+            self._empty = lambda shape: torch.empty(shape, dtype=array.dtype, device=array.device)
+        else:
+            cai = array.__cuda_array_interface__
+            self.ptr = cai["data"][0]
+            self.shape = tuple(cai["shape"])
+            self.dtype = _TYPESTR_DTYPES.get(cai["typestr"], cai["typestr"])
+            itemsize = int(cai["typestr"][2:]) if cai["typestr"][2:].isdigit() else 0
+            self.contiguous = cai.get("strides") is None or tuple(cai["strides"]) == _c_strides(
+                self.shape, itemsize
+            )
+            self.device = ("cuda", getattr(getattr(array, "device", None), "id", None))
+            # CAI v3: None means the legacy default stream; 1 and 2 are the
+            # legacy and per-thread default streams, which CUDA accepts as-is.
+            self.stream = cai.get("stream") or 0
+            if module == "cupy":
+                import cupy
+
+                self._empty = lambda shape: cupy.empty(shape, dtype=array.dtype)
+            else:
+                self._empty = None
+        if self.dtype not in _SUPPORTED:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {self.dtype}")
+        if not self.contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+
+    def empty(self, shape):
+        if self._empty is None:
+            raise TypeError(f"pass out= to write results for {type(self.array).__name__} arrays")
+        return self._empty(shape)
+
+
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+def _is_device_array(array):
+    if type(array).__module__.split(".")[0] == "torch":
+        return array.is_cuda
+    return hasattr(array, "__cuda_array_interface__")
+
+
+def _require_cuda():
+    if not _core.WITH_CUDA:
+        raise RuntimeError("fused_masked_mae._core was built without CUDA (no nvcc at build time)")
+
+
+def _device_inputs(y_true, y_pred):
+    t, p = _DeviceArray(y_true, "y_true"), _DeviceArray(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(
+            f"y_true and y_pred must have the same shape, got y_true {list(t.shape)} and "
+            f"y_pred {list(p.shape)}"
+        )
+    if t.dtype != p.dtype:
+        raise TypeError(f"y_true and y_pred must have the same dtype, got {t.dtype} and {p.dtype}")
+    if t.device != p.device:
+        raise ValueError(f"y_true and y_pred are on different devices: {t.device} and {p.device}")
+    return t, p
+
+
+def _device_output(like, out, shape, name):
+    out = like.empty(shape) if out is None else out
+    o = _DeviceArray(out, name)
+    if o.shape != tuple(shape) or o.dtype != like.dtype or o.device != like.device:
+        raise ValueError(
+            f"{name} must be a {like.dtype} array of shape {list(shape)} on {like.device}, got "
+            f"{o.dtype} {list(o.shape)} on {o.device}"
+        )
+    return out, o
+
+
+def forward(y_true, y_pred, masked_tokens=(), out=None):
+    """Per-position loss `[...]` of inputs `[..., C]` (see fused_masked_mae.masked_mae)."""
+    tokens = [int(t) for t in masked_tokens]
+    if not _is_device_array(y_pred):
+        return _core.forward(np.asarray(y_true), np.asarray(y_pred), tokens)
+    _require_cuda()
+    t, p = _device_inputs(y_true, y_pred)
+    if not p.shape:
+        raise ValueError("inputs must have rank >= 1 (a last axis of classes), got shape []")
+    out, o = _device_output(p, out, p.shape[:-1], "loss")
+    _core.cuda_forward(t.ptr, p.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream)
+    return out
+
+
+def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None):
+    """d loss / d y_pred, shape `[..., C]`, for an upstream gradient `grad_loss` `[...]`."""
+    tokens = [int(t) for t in masked_tokens]
+    if not _is_device_array(y_pred):
+        return _core.gradient(np.asarray(y_true), np.asarray(y_pred), np.asarray(grad_loss), tokens)
+    _require_cuda()
+    t, p = _device_inputs(y_true, y_pred)
+    if not p.shape:
+        raise ValueError("inputs must have rank >= 1 (a last axis of classes), got shape []")
+    g = _DeviceArray(grad_loss, "grad_loss")
+    if g.shape != p.shape[:-1] or g.dtype != p.dtype or g.device != p.device:
+        raise ValueError(
+            f"grad_loss must be a {p.dtype} array of shape {list(p.shape[:-1])} on {p.device}, "
+            f"got {g.dtype} {list(g.shape)} on {g.device}"
+        )
+    out, o = _device_output(p, out, p.shape, "grad_y_pred")
+    _core.cuda_gradient(t.ptr, p.ptr, g.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream)
+    return out
