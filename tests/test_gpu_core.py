@@ -1,0 +1,180 @@
+"""CUDA kernels through the TensorFlow-free core, on PyTorch and CuPy arrays.
+
+Runs where a GPU, a CUDA-enabled _core and PyTorch or CuPy exist (the lent GPU
+machine, via tools/gpu_check.sh); skips with the reason elsewhere. Compared
+with the NumPy statement of the loss (tests/numpy_reference.py) and with the
+CPU path of the same core.
+"""
+
+import importlib.util
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from fused_masked_mae import _core, core
+
+
+def _gpu_backends():
+    backends = []
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            backends.append("torch")
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                backends.append("cupy")
+        except Exception:  # no driver or no device
+            pass
+    return backends
+
+
+BACKENDS = _gpu_backends()
+if os.environ.get("GPU_TEST_BACKENDS"):  # e.g. "cupy" under compute-sanitizer
+    BACKENDS = [b for b in BACKENDS if b in os.environ["GPU_TEST_BACKENDS"].split(",")]
+pytestmark = [
+    pytest.mark.skipif(not _core.WITH_CUDA, reason="_core was built without CUDA"),
+    pytest.mark.skipif(not BACKENDS, reason="no CUDA GPU with PyTorch or CuPy on this machine"),
+]
+
+CLASS_COUNTS = [1, 7, 32, 33, 1000, 1549, 4096, 32000, 131072]
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+LOSS_RTOL = {np.float16: 1e-3, ml_dtypes.bfloat16: 8e-3, np.float32: 5e-6, np.float64: 1e-12}
+
+
+def to_device(array, backend, offset=0):
+    """Copies a NumPy array to the GPU; offset > 0 starts it `offset` elements
+    into a larger buffer, so its rows are not 16-byte aligned."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if backend == "torch":
+        import torch
+
+        if array.dtype == ml_dtypes.bfloat16:
+            buf = torch.empty(flat.size + offset, dtype=torch.bfloat16, device="cuda")
+            bits = torch.from_numpy(flat.view(np.int16).copy()).cuda()
+            buf[offset:].view(torch.int16).copy_(bits)
+        else:
+            buf = torch.empty(flat.size + offset, dtype=getattr(torch, array.dtype.name),
+                              device="cuda")
+            buf[offset:].copy_(torch.from_numpy(flat.copy()).cuda())
+        return buf[offset:].view(array.shape)
+    import cupy
+
+    buf = cupy.empty(flat.size + offset, dtype=array.dtype)
+    buf[offset:] = cupy.asarray(flat)
+    return buf[offset:].reshape(array.shape)
+
+
+def to_host(array, dtype):
+    if type(array).__module__.split(".")[0] == "torch":
+        import torch
+
+        array = array.cpu()
+        if array.dtype == torch.bfloat16:
+            return array.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return array.numpy()
+    return array.get().astype(dtype)
+
+
+def backends_for(dtype):
+    # CuPy has no bfloat16.
+    return [b for b in BACKENDS if not (b == "cupy" and dtype == ml_dtypes.bfloat16)]
+
+
+def inputs(rows, num_classes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, rows)
+    labels[: rows // 2] = num_classes - 1  # end-token padding, as in the seed
+    y_true = np.eye(num_classes, dtype=np.float32)[labels] if num_classes <= 4096 else \
+        np.zeros((rows, num_classes), np.float32)
+    if num_classes > 4096:
+        y_true[np.arange(rows), labels] = 1
+    y_pred = rng.random((rows, num_classes), dtype=np.float32)
+    y_pred[::2] += y_true[::2]  # every other row predicts its target
+    return y_true.astype(dtype), y_pred.astype(dtype)
+
+
+def assert_same(actual, expected):
+    np.testing.assert_array_equal(np.asarray(actual, np.float64), np.asarray(expected, np.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_forward_and_gradient_match_reference(num_classes, dtype, offset):
+    rows = max(2, min(64, (1 << 21) // num_classes))
+    tokens = [0, num_classes - 1]
+    y_true, y_pred = inputs(rows, num_classes, dtype, seed=num_classes)
+    grad_loss = np.random.default_rng(1).normal(size=rows).astype(dtype)
+    expected_loss = ref.loss(y_true, y_pred, tokens)
+    expected_grad = ref.gradient(y_true, y_pred, grad_loss, tokens)
+    for backend in backends_for(dtype):
+        t, p = to_device(y_true, backend, offset), to_device(y_pred, backend, offset)
+        g = to_device(grad_loss, backend, offset)
+        loss = to_host(core.forward(t, p, tokens), dtype)
+        np.testing.assert_allclose(loss.astype(np.float64), expected_loss.astype(np.float64),
+                                   rtol=LOSS_RTOL[dtype], atol=0)
+        np.testing.assert_array_equal(loss == 0, expected_loss == 0)
+        # keep, the row factor and the signs are exact: so is the gradient.
+        assert_same(to_host(core.gradient(t, p, g, tokens), dtype), expected_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_crafted_rows_follow_tf_argmax(dtype):
+    rows = ref.crafted_rows().astype(dtype)
+    y_true = np.repeat(rows, len(rows), axis=0)
+    y_pred = np.tile(rows, (len(rows), 1))
+    ones = np.ones(len(y_true), dtype)
+    for backend in backends_for(dtype):
+        t, p = to_device(y_true, backend), to_device(y_pred, backend)
+        for tokens in ([0], [1, 2], [0, 1, 2, 3]):
+            loss = to_host(core.forward(t, p, tokens), dtype)
+            expected = ref.loss(y_true, y_pred, tokens)
+            np.testing.assert_array_equal(np.isnan(loss.astype(np.float64)),
+                                          np.isnan(expected.astype(np.float64)))
+            assert_same(to_host(core.gradient(t, p, to_device(ones, backend), tokens), dtype),
+                        ref.gradient(y_true, y_pred, ones, tokens))
+
+
+@pytest.mark.parametrize("num_classes", [33, 1549, 131072])
+def test_results_are_bitwise_reproducible(num_classes):
+    dtype = np.float32
+    y_true, y_pred = inputs(16, num_classes, dtype, seed=7)
+    backend = BACKENDS[0]
+    t, p = to_device(y_true, backend), to_device(y_pred, backend)
+    g = to_device(np.ones(16, dtype), backend)
+    first_loss = to_host(core.forward(t, p, [0]), dtype)
+    first_grad = to_host(core.gradient(t, p, g, [0]), dtype)
+    for _ in range(20):
+        assert to_host(core.forward(t, p, [0]), dtype).tobytes() == first_loss.tobytes()
+        assert to_host(core.gradient(t, p, g, [0]), dtype).tobytes() == first_grad.tobytes()
+    # The same values at another address (unaligned) give the same bits too.
+    t1, p1 = to_device(y_true, backend, 1), to_device(y_pred, backend, 1)
+    assert to_host(core.forward(t1, p1, [0]), dtype).tobytes() == first_loss.tobytes()
+
+
+def test_empty_batch_launches_nothing():
+    backend = BACKENDS[0]
+    y = to_device(np.zeros((0, 5), np.float32), backend)
+    assert tuple(core.forward(y, y, [1]).shape) == (0,)
+
+
+def test_bad_device_inputs_raise():
+    backend = BACKENDS[0]
+    a = to_device(np.zeros((2, 3), np.float32), backend)
+    b = to_device(np.zeros((3, 3), np.float32), backend)
+    with pytest.raises(ValueError, match=r"same shape"):
+        core.forward(a, b, [0])
+    with pytest.raises(ValueError, match=r"token id 3 is outside \[0, 3\)"):
+        core.forward(a, a, [3])
+    with pytest.raises(ValueError, match="grad_loss"):
+        core.gradient(a, a, to_device(np.zeros(3, np.float32), backend), [0])
+    strided = to_device(np.zeros((2, 6), np.float32), backend)[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        core.forward(strided, strided, [0])
