@@ -68,6 +68,20 @@ MMAE_HOST_DEVICE constexpr Acc LowestFinite(ElementKind kind) {
 // (smaller index wins) never prefers it.
 constexpr int64_t kNoIndex = INT64_MAX;
 
+// The two element-level rules everything below is built from.
+// An element replaces the best so far only when strictly greater: this keeps
+// the first of equal values, and is false for NaN and for v <= lowest.
+template <typename Acc>
+MMAE_HOST_DEVICE bool Improves(Acc v, Acc best) {
+  return v > best;
+}
+
+template <typename Acc>
+MMAE_HOST_DEVICE Acc AbsDiff(Acc p, Acc t) {
+  const Acc diff = p - t;
+  return diff < Acc(0) ? -diff : diff;  // NaN stays NaN
+}
+
 // Running argmax of one row, or of any subset of its elements.
 //
 // Observe() must see one state's elements in increasing index order (it keeps
@@ -85,7 +99,7 @@ struct ArgmaxState {
   MMAE_HOST_DEVICE static ArgmaxState Empty(Acc lowest) { return {lowest, kNoIndex}; }
 
   MMAE_HOST_DEVICE void Observe(Acc v, int64_t i) {
-    const bool take = v > value;  // false for NaN and for v <= lowest
+    const bool take = Improves(v, value);
     value = take ? v : value;
     index = take ? i : index;
   }
@@ -113,8 +127,7 @@ struct RowPartial {
   MMAE_HOST_DEVICE void Observe(Acc t, Acc p, int64_t i) {
     target.Observe(t, i);
     prediction.Observe(p, i);
-    const Acc diff = p - t;
-    abs_diff_sum += diff < Acc(0) ? -diff : diff;  // NaN stays NaN
+    abs_diff_sum += AbsDiff(p, t);
   }
 
   // Not commutative for abs_diff_sum bit patterns: callers combine in a fixed
@@ -144,17 +157,27 @@ struct MaskedTokenSet {
 
 // The seed's `cond`: 0 when the target's argmax equals the prediction's and is a
 // masked token, else 1.
+MMAE_HOST_DEVICE float KeepFactorFor(int64_t target_argmax, bool prediction_argmax_equal,
+                                     const MaskedTokenSet& tokens) {
+  return prediction_argmax_equal && tokens.Contains(target_argmax) ? 0.0f : 1.0f;
+}
+
 template <typename Acc>
 MMAE_HOST_DEVICE Acc KeepFactor(const RowPartial<Acc>& row, const MaskedTokenSet& tokens) {
   const int64_t t = row.target.Result();
-  const bool masked = t == row.prediction.Result() && tokens.Contains(t);
-  return masked ? Acc(0) : Acc(1);
+  return Acc(KeepFactorFor(t, t == row.prediction.Result(), tokens));
+}
+
+// keep * mean: a product, not a branch, so NaN/Inf propagate as in the reference.
+template <typename Acc>
+MMAE_HOST_DEVICE Acc MaskedMean(Acc keep, Acc abs_diff_sum, int64_t num_classes) {
+  return keep * (abs_diff_sum / Acc(num_classes));
 }
 
 template <typename Acc>
 MMAE_HOST_DEVICE Acc RowLoss(const RowPartial<Acc>& row, const MaskedTokenSet& tokens,
                              int64_t num_classes) {
-  return KeepFactor(row, tokens) * (row.abs_diff_sum / Acc(num_classes));
+  return MaskedMean(KeepFactor(row, tokens), row.abs_diff_sum, num_classes);
 }
 
 // The per-row factor of the gradient: (upstream * keep) / C.
@@ -185,43 +208,97 @@ MMAE_HOST_DEVICE T ElementGradient(Acc scale, T y_true, T y_pred) {
 
 // ---------------------------------------------------------------------------
 // Whole-row routines for host code (the TensorFlow CPU kernel and the pybind11
-// CPU path). A row is `num_classes` contiguous elements.
+// CPU path, through masked_mae_cpu.cc). A row is `num_classes` contiguous
+// elements.
 //
-// kHostLanes independent partial states (lane l sees elements l, l + L, ...) let
-// the compiler vectorize the loop without reassociating floats; the lanes are
-// then combined in a fixed order, so the result is deterministic and the sum
-// more accurate than one running total.
+// The scan is split in two passes so the hot loop vectorizes: pass 1 keeps, in
+// kHostLanes independent lanes (lane l sees elements l, l + L, ...), the
+// largest candidate of t and of p and the sum of |p - t|; the lanes are then
+// combined in a fixed order (deterministic, and more accurate than one running
+// sum). Pass 2 finds the first index holding each maximum while the row is
+// still in L1. The result is the ArgmaxState rule exactly: the first index of
+// the largest candidate, no candidate giving kNoIndex.
 constexpr int kHostLanes = 16;
 
+// Blocks of 64 elements are tested with a branch-free count (which
+// vectorizes) before the block holding the first match is searched.
+constexpr int kSearchBlock = 64;
+
+template <typename T, typename Acc>
+inline int64_t FirstIndexOf(const T* x, int64_t end, Acc best, Acc lowest) {
+  if (!Improves(best, lowest)) return kNoIndex;  // no candidate in the row
+  const int64_t full = end - end % kSearchBlock;
+  int64_t base = 0;
+  for (; base < full; base += kSearchBlock) {
+    int hits = 0;
+    for (int l = 0; l < kSearchBlock; ++l) hits += static_cast<Acc>(x[base + l]) == best;
+    if (hits) break;
+  }
+  for (int64_t i = base; i < end; ++i) {
+    if (static_cast<Acc>(x[i]) == best) return i;
+  }
+  return kNoIndex;
+}
+
+template <typename Acc>
+struct HostRowSummary {
+  Acc keep;
+  Acc abs_diff_sum;
+};
+
 template <typename T>
-inline RowPartial<typename AccumulatorOf<T>::type> ScanRow(const T* y_true, const T* y_pred,
-                                                          int64_t num_classes) {
+inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const T* y_true, const T* y_pred,
+                                                              int64_t num_classes,
+                                                              const MaskedTokenSet& tokens) {
   using Acc = typename AccumulatorOf<T>::type;
   const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
-
-  RowPartial<Acc> lanes[kHostLanes];
-  for (int l = 0; l < kHostLanes; ++l) lanes[l] = RowPartial<Acc>::Empty(lowest);
+  Acc t_best[kHostLanes], p_best[kHostLanes], sum[kHostLanes];
+  for (int l = 0; l < kHostLanes; ++l) {
+    t_best[l] = p_best[l] = lowest;
+    sum[l] = Acc(0);
+  }
+  const auto observe = [&](int l, int64_t i) {
+    const Acc t = static_cast<Acc>(y_true[i]);
+    const Acc p = static_cast<Acc>(y_pred[i]);
+    t_best[l] = Improves(t, t_best[l]) ? t : t_best[l];
+    p_best[l] = Improves(p, p_best[l]) ? p : p_best[l];
+    sum[l] += AbsDiff(p, t);
+  };
+  // Pass 1. The tail goes to lanes 0.., after their other elements.
   const int64_t full = num_classes - num_classes % kHostLanes;
   for (int64_t base = 0; base < full; base += kHostLanes) {
-    for (int l = 0; l < kHostLanes; ++l) {
-      lanes[l].Observe(static_cast<Acc>(y_true[base + l]), static_cast<Acc>(y_pred[base + l]),
-                       base + l);
-    }
+    for (int l = 0; l < kHostLanes; ++l) observe(l, base + l);
   }
-  for (int64_t i = full; i < num_classes; ++i) {
-    lanes[i - full].Observe(static_cast<Acc>(y_true[i]), static_cast<Acc>(y_pred[i]), i);
-  }
+  for (int64_t i = full; i < num_classes; ++i) observe(static_cast<int>(i - full), i);
   // Pairwise tree over the lanes, always in the same order.
   for (int width = kHostLanes / 2; width >= 1; width /= 2) {
-    for (int l = 0; l < width; ++l) lanes[l] = RowPartial<Acc>::Combine(lanes[l], lanes[l + width]);
+    for (int l = 0; l < width; ++l) {
+      t_best[l] = Improves(t_best[l + width], t_best[l]) ? t_best[l + width] : t_best[l];
+      p_best[l] = Improves(p_best[l + width], p_best[l]) ? p_best[l + width] : p_best[l];
+      sum[l] += sum[l + width];
+    }
   }
-  return lanes[0];
+  // Pass 2: argmax t, and whether argmax p equals it, which only matters when
+  // argmax t is a masked token. Then argmax p == argmax t exactly when p holds
+  // its maximum there and nowhere before (no candidate in p means argmax 0).
+  const ArgmaxState<Acc> target{t_best[0], FirstIndexOf(y_true, num_classes, t_best[0], lowest)};
+  const int64_t t_index = target.Result();
+  bool prediction_equal = false;
+  if (tokens.Contains(t_index)) {
+    prediction_equal =
+        Improves(p_best[0], lowest)
+            ? static_cast<Acc>(y_pred[t_index]) == p_best[0] &&
+                  FirstIndexOf(y_pred, t_index, p_best[0], lowest) == kNoIndex
+            : t_index == 0;
+  }
+  return {Acc(KeepFactorFor(t_index, prediction_equal, tokens)), sum[0]};
 }
 
 template <typename T>
 inline T ComputeRowLoss(const T* y_true, const T* y_pred, int64_t num_classes,
                         const MaskedTokenSet& tokens) {
-  return static_cast<T>(RowLoss(ScanRow(y_true, y_pred, num_classes), tokens, num_classes));
+  const auto row = ScanRow(y_true, y_pred, num_classes, tokens);
+  return static_cast<T>(MaskedMean(row.keep, row.abs_diff_sum, num_classes));
 }
 
 // Writes d loss / d y_pred for one row. Scans the row once for the argmaxes
@@ -230,7 +307,7 @@ template <typename T>
 inline void ComputeRowGradient(const T* y_true, const T* y_pred, int64_t num_classes,
                                const MaskedTokenSet& tokens, T upstream, T* grad_y_pred) {
   using Acc = typename AccumulatorOf<T>::type;
-  const Acc keep = KeepFactor(ScanRow(y_true, y_pred, num_classes), tokens);
+  const Acc keep = ScanRow(y_true, y_pred, num_classes, tokens).keep;
   const Acc scale = RowGradientScale(upstream, keep, num_classes);
   for (int64_t i = 0; i < num_classes; ++i) {
     grad_y_pred[i] = ElementGradient(scale, y_true[i], y_pred[i]);
