@@ -11,9 +11,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cc/core/host_float16.h"
@@ -165,6 +168,45 @@ py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::a
   });
 }
 
+// --- Memory bandwidth probe (for the benchmarks) ------------------------------
+
+// Best-of-`repeats` bandwidth in GB/s of `threads` threads streaming over
+// `megabytes` of float32: "read" sums it (bytes read), "copy" copies it to a
+// second buffer (bytes read + bytes written). Both buffers are touched first so
+// page faults are not timed.
+double ProbeBandwidth(const std::string& mode, double megabytes, int threads, int repeats) {
+  if (mode != "read" && mode != "copy") Fail("mode must be 'read' or 'copy', got " + mode);
+  if (threads < 1 || repeats < 1 || megabytes <= 0) Fail("threads, repeats, megabytes must be > 0");
+  const int64_t n = static_cast<int64_t>(megabytes * 1e6 / sizeof(float)) / (16 * threads) *
+                    (16 * threads);
+  std::vector<float> src(n, 1.0f), dst(mode == "copy" ? n : 0, 0.0f);
+  std::vector<float> sink(threads * 16, 0.0f);
+  py::gil_scoped_release release;
+  double best = 1e30;
+  for (int rep = 0; rep < repeats; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<std::thread> workers;
+    for (int k = 0; k < threads; ++k) {
+      workers.emplace_back([&, k] {
+        const int64_t begin = n / threads * k, end = n / threads * (k + 1);
+        if (mode == "read") {
+          float acc[16] = {0};
+          for (int64_t i = begin; i < end; i += 16) {
+            for (int l = 0; l < 16; ++l) acc[l] += src[i + l];
+          }
+          for (int l = 0; l < 16; ++l) sink[k * 16 + l] = acc[l];
+        } else {
+          std::copy(src.begin() + begin, src.begin() + end, dst.begin() + begin);
+        }
+      });
+    }
+    for (auto& w : workers) w.join();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  const double bytes = static_cast<double>(n) * sizeof(float) * (mode == "copy" ? 2 : 1);
+  return bytes / best / 1e9;
+}
+
 // --- CUDA (device pointers) -------------------------------------------------
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
 
@@ -248,6 +290,9 @@ PYBIND11_MODULE(_core, m) {
         py::arg("masked_tokens") = std::vector<int64_t>{},
         "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative).");
   m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
+  m.def("probe_bandwidth", &ProbeBandwidth, py::arg("mode"), py::arg("megabytes") = 512.0,
+        py::arg("threads") = 1, py::arg("repeats") = 5,
+        "Host memory bandwidth in GB/s: 'read' (bytes read) or 'copy' (read + written).");
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("cuda_forward", &CudaForward, py::arg("y_true"), py::arg("y_pred"), py::arg("loss"),

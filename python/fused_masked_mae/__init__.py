@@ -12,6 +12,7 @@ import importlib.util
 __version__ = "0.1.0"
 __all__ = [
     "MaskedMAE",
+    "ReferenceMaskedMAE",
     "masked_mae",
     "masked_mae_tokens",
     "reference_masked_mae",
@@ -22,7 +23,11 @@ if importlib.util.find_spec("tensorflow") is not None:
     # Importing these loads the op library and registers the Keras loss for
     # deserialization, so `import fused_masked_mae` is all a saved model needs.
     from fused_masked_mae.ops import masked_mae, masked_mae_tokens
-    from fused_masked_mae.reference import reference_masked_mae, reference_masked_mae_tokens
+    from fused_masked_mae.reference import (
+        ReferenceMaskedMAE,
+        reference_masked_mae,
+        reference_masked_mae_tokens,
+    )
     from fused_masked_mae.losses import MaskedMAE
 else:
 

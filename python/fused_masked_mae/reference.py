@@ -43,3 +43,23 @@ def reference_masked_mae(y_true, y_pred, start_token, end_token):
     y_true = tf.convert_to_tensor(y_true, dtype=y_pred.dtype)
     tokens = [t for t in (start_token, end_token) if t is not None]
     return reference_masked_mae_tokens(y_true, y_pred, tokens)
+
+
+@keras.saving.register_keras_serializable(package="fused_masked_mae")
+class ReferenceMaskedMAE(keras.losses.Loss):
+    """The composite reference as a Keras loss, for comparisons with MaskedMAE
+    (same reductions and sample_weight handling, unfused math)."""
+
+    def __init__(self, start_token, end_token, reduction="sum_over_batch_size",
+                 name="reference_masked_mae", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.start_token = start_token
+        self.end_token = end_token
+
+    def call(self, y_true, y_pred):
+        return reference_masked_mae(y_true, y_pred, self.start_token, self.end_token)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(start_token=self.start_token, end_token=self.end_token)
+        return config

@@ -1,0 +1,261 @@
+"""CPU benchmark: the fused op against the composite reference, in one process.
+
+    ./build.sh bench                 # all shapes, float32 and bfloat16
+    ./build.sh bench --quick         # fewer repeats (a smoke run)
+
+For each shape and dtype it times the fused forward and forward+gradient
+(GradientTape), and the reference composite in eager mode, tf.function and
+tf.function(jit_compile=True). It probes the machine's streaming bandwidth in
+the same run (C++ threads in _core), and reports effective GB/s over the
+minimum traffic (forward: read y_true and y_pred, 2*N*C elements; forward +
+gradient: also write the gradient, 3*N*C), the fraction of the measured
+bandwidth, and the speedup over the fastest reference. It ends with a model-
+level figure: one `fit` step (train_on_batch) of a small seq2seq model with
+MaskedMAE vs the same model with the reference loss.
+
+Writes benchmarks/results/cpu.json and benchmarks/results/cpu.png and prints a
+table. Speed is measured here, never asserted in tests.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import fused_masked_mae as fm  # noqa: E402
+from fused_masked_mae import _core  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPES = [(64, 64, 1549), (16, 128, 8192), (8, 128, 32000), (8, 16, 64)]
+DTYPES = ["float32", "bfloat16"]
+START, END_SHARE = 1, 0.5  # start token id; share of end-token padding in targets
+
+
+def make_inputs(shape, dtype, seed=0):
+    """One-hot targets: a start token, random tokens, then end-token padding
+    (about END_SHARE of positions); predictions that are right about half the time."""
+    batch, time_steps, classes = shape
+    end = classes - 1
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=(batch, time_steps))
+    labels[:, 0] = START
+    lengths = rng.integers(1, max(2, int(time_steps * (1 - END_SHARE) * 2)), size=batch)
+    labels[np.arange(time_steps)[None, :] >= lengths[:, None]] = end
+    y_true = np.zeros(shape, np.float32)
+    np.put_along_axis(y_true, labels[..., None], 1.0, axis=-1)
+    y_pred = rng.random(shape, dtype=np.float32) / classes
+    right = rng.random((batch, time_steps)) < 0.5
+    np.put_along_axis(y_pred, labels[..., None], np.where(right, 1.0, 0.0)[..., None], axis=-1)
+    return tf.constant(y_true, dtype), tf.constant(y_pred, dtype), end
+
+
+def timeit(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def fetch(x):
+    # Results are fetched to the host so asynchronous work is counted.
+    return [t.numpy() for t in tf.nest.flatten(x)]
+
+
+def candidates(y_true, y_pred, end):
+    def fused_fwd():
+        return fm.masked_mae(y_true, y_pred, START, end)
+
+    def fused_fwd_grad():
+        with tf.GradientTape() as tape:
+            tape.watch(y_pred)
+            loss = fm.masked_mae(y_true, y_pred, START, end)
+        return loss, tape.gradient(loss, y_pred)
+
+    def ref_fwd():
+        return fm.reference_masked_mae(y_true, y_pred, START, end)
+
+    def ref_fwd_grad():
+        with tf.GradientTape() as tape:
+            tape.watch(y_pred)
+            loss = fm.reference_masked_mae(y_true, y_pred, START, end)
+        return loss, tape.gradient(loss, y_pred)
+
+    # Graph mode removes the per-op dispatch cost that dominates small shapes.
+    fused_graph_fwd, fused_graph_fwd_grad = tf.function(fused_fwd), tf.function(fused_fwd_grad)
+    graph_fwd, graph_fwd_grad = tf.function(ref_fwd), tf.function(ref_fwd_grad)
+    xla_fwd = tf.function(ref_fwd, jit_compile=True)
+    xla_fwd_grad = tf.function(ref_fwd_grad, jit_compile=True)
+    return {
+        "forward": {
+            "fused": fused_fwd,
+            "fused tf.function": fused_graph_fwd,
+            "reference eager": ref_fwd,
+            "reference tf.function": graph_fwd,
+            "reference XLA": xla_fwd,
+        },
+        "forward+gradient": {
+            "fused": fused_fwd_grad,
+            "fused tf.function": fused_graph_fwd_grad,
+            "reference eager": ref_fwd_grad,
+            "reference tf.function": graph_fwd_grad,
+            "reference XLA": xla_fwd_grad,
+        },
+    }
+
+
+def model_step_figure(repeats):
+    """One train_on_batch of a small LSTM seq2seq-style model, fused vs reference."""
+    vocab, time_steps, batch = 1549, 32, 32
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, vocab, size=(batch, time_steps))
+    y = np.eye(vocab, dtype=np.float32)[np.where(rng.random((batch, time_steps)) < 0.5, vocab - 1, x)]
+    out = {}
+    for name, loss in (
+        ("fused MaskedMAE", fm.MaskedMAE(START, vocab - 1)),
+        ("reference loss", fm.ReferenceMaskedMAE(START, vocab - 1)),
+    ):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((time_steps,), dtype="int32"),
+            keras.layers.Embedding(vocab, 64),
+            keras.layers.LSTM(128, return_sequences=True),
+            keras.layers.Dense(vocab, activation="softmax"),
+        ])
+        model.compile(optimizer="adam", loss=loss, jit_compile=False)
+        times = timeit(lambda: model.train_on_batch(x, y), repeats, warmup=3)
+        out[name] = {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3}
+    out["speedup"] = out["reference loss"]["median_ms"] / out["fused MaskedMAE"]["median_ms"]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 15
+    threads = os.cpu_count()
+
+    bandwidth = {
+        "read_GBps": _core.probe_bandwidth("read", 512, threads, 5),
+        "copy_GBps": _core.probe_bandwidth("copy", 256, threads, 5),
+        "threads": threads,
+    }
+    print(f"measured bandwidth ({threads} threads): read {bandwidth['read_GBps']:.1f} GB/s, "
+          f"copy (read+write) {bandwidth['copy_GBps']:.1f} GB/s", flush=True)
+
+    rows = []
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            y_true, y_pred, end = make_inputs(shape, dtype)
+            elements = int(np.prod(shape))
+            itemsize = y_pred.dtype.size
+            for mode, fns in candidates(y_true, y_pred, end).items():
+                streams = 2 if mode == "forward" else 3
+                limit = bandwidth["read_GBps"] if mode == "forward" else bandwidth["copy_GBps"]
+                results = {}
+                for name, fn in fns.items():
+                    times = timeit(lambda: fetch(fn()), repeats)
+                    median = statistics.median(times)
+                    q = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+                    gbps = streams * elements * itemsize / median / 1e9
+                    results[name] = {
+                        "median_ms": median * 1e3,
+                        "iqr_ms": (q[2] - q[0]) * 1e3,
+                        "min_ms": min(times) * 1e3,
+                        "GBps": gbps,
+                        "fraction_of_bandwidth": gbps / limit,
+                    }
+                fastest_ref = min(
+                    (r["median_ms"], n) for n, r in results.items() if n.startswith("reference")
+                )
+                for name in ("fused", "fused tf.function"):
+                    results[name]["speedup_vs_fastest_reference"] = (
+                        fastest_ref[0] / results[name]["median_ms"]
+                    )
+                    results[name]["fastest_reference"] = fastest_ref[1]
+                row = {"shape": list(shape), "dtype": dtype, "mode": mode, "results": results}
+                rows.append(row)
+                print_row(row)
+
+    model = model_step_figure(repeats)
+    print(f"model fit step (train_on_batch, [32, 32, 1549] outputs): fused "
+          f"{model['fused MaskedMAE']['median_ms']:.1f} ms, reference "
+          f"{model['reference loss']['median_ms']:.1f} ms, speedup {model['speedup']:.2f}x")
+
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "numpy": np.__version__, "fused_masked_mae": fm.__version__},
+        "repeats": repeats,
+        "bandwidth": bandwidth,
+        "rows": rows,
+        "model_fit_step": model,
+    }
+    json_path = os.path.join(args.out, "cpu.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    png_path = os.path.join(args.out, "cpu.png")
+    plot(rows, bandwidth, png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+def print_row(row):
+    shape = "x".join(map(str, row["shape"]))
+    print(f"\n{shape} {row['dtype']} {row['mode']}")
+    print(f"  {'':24s} {'median ms':>10s} {'IQR ms':>8s} {'GB/s':>7s} {'of BW':>6s}")
+    for name, r in row["results"].items():
+        extra = ""
+        if name.startswith("fused"):
+            extra = f"  {r['speedup_vs_fastest_reference']:.2f}x vs {r['fastest_reference']}"
+        print(f"  {name:24s} {r['median_ms']:10.3f} {r['iqr_ms']:8.3f} {r['GBps']:7.1f} "
+              f"{r['fraction_of_bandwidth']:6.0%}{extra}", flush=True)
+
+
+def plot(rows, bandwidth, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
+    for ax, mode in zip(axes, ("forward", "forward+gradient")):
+        selected = [r for r in rows if r["mode"] == mode]
+        labels = [f"{'x'.join(map(str, r['shape']))}\n{r['dtype']}" for r in selected]
+        names = list(selected[0]["results"])
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            ax.bar(np.arange(len(selected)) + k * width,
+                   [r["results"][name]["GBps"] for r in selected], width, label=name)
+        limit = bandwidth["read_GBps"] if mode == "forward" else bandwidth["copy_GBps"]
+        ax.axhline(limit, color="k", linestyle="--",
+                   label=f"measured {'read' if mode == 'forward' else 'copy'} bandwidth")
+        ax.set_xticks(np.arange(len(selected)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(f"{mode}: effective GB/s over minimum traffic")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("GB/s (log)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
