@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "cc/core/host_float16.h"
+#include "cc/kernels/host_float16.h"
 #include "cc/kernels/masked_mae_row.h"
 
 #ifdef FUSED_MASKED_MAE_WITH_CUDA

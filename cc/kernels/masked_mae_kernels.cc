@@ -12,6 +12,8 @@
 
 #include <vector>
 
+#include "cc/kernels/host_float16.h"
+
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -24,14 +26,29 @@
 
 namespace fused_masked_mae {
 
-template <>
-struct ElementKindOf<Eigen::half> {
-  static constexpr ElementKind value = ElementKind::kFloat16;
+// The CPU row loops read 16-bit inputs through host_float16.h's types, which
+// share Eigen's bit layout and convert without per-element branches.
+template <typename T>
+struct HostTypeOf {
+  using type = T;
 };
 template <>
-struct ElementKindOf<Eigen::bfloat16> {
-  static constexpr ElementKind value = ElementKind::kBFloat16;
+struct HostTypeOf<Eigen::half> {
+  using type = HostHalf;
 };
+template <>
+struct HostTypeOf<Eigen::bfloat16> {
+  using type = HostBFloat16;
+};
+
+template <typename T>
+const typename HostTypeOf<T>::type* AsHost(const T* ptr) {
+  return reinterpret_cast<const typename HostTypeOf<T>::type*>(ptr);
+}
+template <typename T>
+typename HostTypeOf<T>::type* AsHost(T* ptr) {
+  return reinterpret_cast<typename HostTypeOf<T>::type*>(ptr);
+}
 
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
@@ -65,9 +82,12 @@ template <typename T>
 struct MaskedMaeFunctor<CPUDevice, T> {
   absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred, int64_t rows,
                           int64_t num_classes, const MaskedTokenSet& tokens, T* loss) {
+    const auto* t = AsHost(y_true);
+    const auto* p = AsHost(y_pred);
+    auto* out = AsHost(loss);
     ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
       const int64_t offset = row * num_classes;
-      loss[row] = ComputeRowLoss(y_true + offset, y_pred + offset, num_classes, tokens);
+      out[row] = ComputeRowLoss(t + offset, p + offset, num_classes, tokens);
     });
     return absl::OkStatus();
   }
@@ -78,10 +98,13 @@ struct MaskedMaeGradFunctor<CPUDevice, T> {
   absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred,
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           const MaskedTokenSet& tokens, T* grad_y_pred) {
+    const auto* t = AsHost(y_true);
+    const auto* p = AsHost(y_pred);
+    const auto* g = AsHost(grad_loss);
+    auto* out = AsHost(grad_y_pred);
     ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
       const int64_t offset = row * num_classes;
-      ComputeRowGradient(y_true + offset, y_pred + offset, num_classes, tokens, grad_loss[row],
-                         grad_y_pred + offset);
+      ComputeRowGradient(t + offset, p + offset, num_classes, tokens, g[row], out + offset);
     });
     return absl::OkStatus();
   }

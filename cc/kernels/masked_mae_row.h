@@ -187,9 +187,11 @@ MMAE_HOST_DEVICE Acc GradientScale(Acc upstream, Acc keep, int64_t num_classes) 
 }
 
 // tf.sign: -1, 0 or 1, and NaN for NaN (sign(+-0) = 0: no gradient at the kink).
+// Written as a difference of two selects so that loops over it vectorize.
 template <typename Acc>
 MMAE_HOST_DEVICE Acc Sign(Acc x) {
-  return x > Acc(0) ? Acc(1) : (x < Acc(0) ? Acc(-1) : (x == x ? Acc(0) : x));
+  const Acc sign = (x > Acc(0) ? Acc(1) : Acc(0)) - (x < Acc(0) ? Acc(1) : Acc(0));
+  return x != x ? x : sign;
 }
 
 // The row's gradient factor as the reference computes it in T: rounded to T
