@@ -162,6 +162,10 @@ def main():
             y_true, y_pred, end = make_inputs(shape, dtype)
             elements = int(np.prod(shape))
             itemsize = y_pred.dtype.size
+            # Writing a fresh [..., C] tensor: the floor under any op that
+            # returns the gradient (page faults of the new allocation included).
+            fill_ms = statistics.median(
+                timeit(lambda: tf.fill(shape, tf.constant(1, dtype)).numpy(), repeats)) * 1e3
             for mode, fns in candidates(y_true, y_pred, end).items():
                 streams = 2 if mode == "forward" else 3
                 limit = bandwidth["read_GBps"] if mode == "forward" else bandwidth["copy_GBps"]
@@ -186,7 +190,8 @@ def main():
                         fastest_ref[0] / results[name]["median_ms"]
                     )
                     results[name]["fastest_reference"] = fastest_ref[1]
-                row = {"shape": list(shape), "dtype": dtype, "mode": mode, "results": results}
+                row = {"shape": list(shape), "dtype": dtype, "mode": mode, "results": results,
+                       "fresh_output_write_ms": fill_ms}
                 rows.append(row)
                 print_row(row)
 
@@ -209,6 +214,7 @@ def main():
         "rows": rows,
         "model_fit_step": model,
     }
+    print_markdown_summary(rows, bandwidth)
     json_path = os.path.join(args.out, "cpu.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
@@ -227,6 +233,29 @@ def print_row(row):
             extra = f"  {r['speedup_vs_fastest_reference']:.2f}x vs {r['fastest_reference']}"
         print(f"  {name:24s} {r['median_ms']:10.3f} {r['iqr_ms']:8.3f} {r['GBps']:7.1f} "
               f"{r['fraction_of_bandwidth']:6.0%}{extra}", flush=True)
+
+
+def print_markdown_summary(rows, bandwidth):
+    """The README's table: one line per shape and dtype."""
+    print(f"\n| shape | dtype | fused fwd ms | fwd GB/s (% of read BW) | fwd speedup | "
+          f"fused fwd+grad ms | fwd+grad speedup | fresh-output write ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    by_key = {}
+    for row in rows:
+        by_key.setdefault((tuple(row["shape"]), row["dtype"]), {})[row["mode"]] = row
+    for (shape, dtype), modes in by_key.items():
+        f, b = modes["forward"], modes["forward+gradient"]
+        fwd = min((f["results"][n] for n in ("fused", "fused tf.function")),
+                  key=lambda r: r["median_ms"])
+        bwd = min((b["results"][n] for n in ("fused", "fused tf.function")),
+                  key=lambda r: r["median_ms"])
+        print(f"| {'x'.join(map(str, shape))} | {dtype} | {fwd['median_ms']:.2f} | "
+              f"{fwd['GBps']:.1f} ({fwd['fraction_of_bandwidth']:.0%}) | "
+              f"{fwd['speedup_vs_fastest_reference']:.1f}x vs {fwd['fastest_reference']} | "
+              f"{bwd['median_ms']:.2f} | {bwd['speedup_vs_fastest_reference']:.1f}x vs "
+              f"{bwd['fastest_reference']} | {b['fresh_output_write_ms']:.2f} |")
+    print(f"(bandwidth probe: read {bandwidth['read_GBps']:.1f} GB/s, copy "
+          f"{bandwidth['copy_GBps']:.1f} GB/s, {bandwidth['threads']} threads)")
 
 
 def plot(rows, bandwidth, path):

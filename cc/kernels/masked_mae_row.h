@@ -142,7 +142,7 @@ struct RowPartial {
 // The token ids whose correctly predicted positions cost nothing (the seed's
 // start and end tokens). A fixed capacity keeps it a plain value that can be
 // passed to a CUDA kernel by value; op construction rejects longer lists.
-constexpr int kMaxMaskedTokens = 64;
+constexpr int kMaxMaskedTokens = 256;
 
 struct MaskedTokenSet {
   int count;
