@@ -38,14 +38,20 @@ def cuobjdump():
 def test_gpu_kernels_are_registered_for_every_dtype():
     from tensorflow.python.framework import kernels
 
-    for op in ("FusedMaskedMae>MaskedMae", "FusedMaskedMae>MaskedMaeGrad"):
+    for op in ("FusedMaskedMae>MaskedMae", "FusedMaskedMae>MaskedMaeGrad",
+               "FusedMaskedMae>SparseMaskedMae", "FusedMaskedMae>SparseMaskedMaeGrad"):
         registered = kernels.get_registered_kernels_for_op(op).kernel
         gpu_types = {
             t for k in registered if k.device_type == "GPU"
-            for c in k.constraint for t in c.allowed_values.list.type
+            for c in k.constraint if c.name == "T" for t in c.allowed_values.list.type
         }
         # DT_HALF=19, DT_BFLOAT16=14, DT_FLOAT=1, DT_DOUBLE=2
         assert gpu_types == {1, 2, 14, 19}, (op, registered)
+        if "Sparse" in op:  # DT_INT32=3, DT_INT64=9 ids
+            id_types = {t for k in registered if k.device_type == "GPU"
+                        for c in k.constraint if c.name == "Tidx"
+                        for t in c.allowed_values.list.type}
+            assert id_types == {3, 9}, (op, registered)
 
 
 @pytest.mark.parametrize("library", [OPS_LIBRARY, _core.__file__], ids=["ops", "core"])
@@ -65,8 +71,9 @@ def test_library_has_forward_and_gradient_kernels():
         check=True,
     ).stdout
     kernels = set(re.findall(r"(_Z\w*MaskedMaeKernel\w*)", symbols))
-    # 4 dtypes x {forward, gradient} x 7 row mappings (1..32 lanes, whole block).
-    assert len(kernels) == 4 * 2 * 7, sorted(kernels)
+    # 4 dtypes x {dense, int32 ids, int64 ids} x {forward, gradient}
+    # x 7 row mappings (1..32 lanes, whole block).
+    assert len(kernels) == 4 * 3 * 2 * 7, sorted(kernels)
 
 
 def test_core_reports_cuda():

@@ -126,6 +126,36 @@ def test_forward_and_gradient_match_reference(num_classes, dtype, offset):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("num_classes", [1, 33, 1549, 32000])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64], ids=["int32", "int64"])
+def test_sparse_equals_dense_on_one_hot(num_classes, dtype, id_dtype):
+    rows = max(2, min(64, (1 << 20) // num_classes))
+    y_true, y_pred = inputs(rows, num_classes, dtype, seed=3)
+    ids = np.argmax(np.asarray(y_true, np.float32), axis=-1).astype(id_dtype)
+    tokens = [0, num_classes - 1]
+    grad_loss = np.random.default_rng(2).normal(size=rows).astype(dtype)
+    for backend in backends_for(dtype):
+        i, t, p = to_device(ids, backend), to_device(y_true, backend), to_device(y_pred, backend)
+        g = to_device(grad_loss, backend)
+        # The GPU's dense and sparse kernels reduce in the same order: bit for bit.
+        assert_same(to_host(core.forward(i, p, tokens, sparse=True), dtype),
+                    to_host(core.forward(t, p, tokens), dtype))
+        assert_same(to_host(core.gradient(i, p, g, tokens, sparse=True), dtype),
+                    ref.gradient(y_true, y_pred, grad_loss, tokens))
+
+
+def test_sparse_invalid_id_gives_nan_on_gpu():
+    backend = BACKENDS[0]
+    ids = to_device(np.array([0, 7, -1], np.int64), backend)
+    p = to_device(np.ones((3, 7), np.float32), backend)
+    loss = to_host(core.forward(ids, p, [0], sparse=True), np.float32)
+    assert not np.isnan(loss[0]) and np.isnan(loss[1]) and np.isnan(loss[2])
+    grad = to_host(core.gradient(ids, p, to_device(np.ones(3, np.float32), backend), [0],
+                                 sparse=True), np.float32)
+    assert np.isnan(grad[1:]).all() and not np.isnan(grad[0]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_crafted_rows_follow_tf_argmax(dtype):
     rows = ref.crafted_rows().astype(dtype)
     y_true = np.repeat(rows, len(rows), axis=0)

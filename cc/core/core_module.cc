@@ -17,6 +17,7 @@
 #include <limits>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cc/kernels/host_float16.h"
@@ -108,40 +109,81 @@ auto DispatchCpuDtype(const py::array& a, Fn&& fn) {
                        name);
 }
 
-RowView CheckPair(const py::array& y_true, const py::array& y_pred) {
-  if (ShapeOf(y_true) != ShapeOf(y_pred)) {
+// Checks y_true against y_pred: same shape (dense), or y_pred's shape without
+// its last axis, int32/int64, every id in [0, C) (sparse).
+RowView CheckTargets(const py::array& y_true, const py::array& y_pred, bool sparse) {
+  std::vector<int64_t> expected = ShapeOf(y_pred);
+  if (sparse && !expected.empty()) expected.pop_back();
+  if (!sparse && ShapeOf(y_true) != expected) {
     Fail("y_true and y_pred must have the same shape, got y_true " + ShapeString(ShapeOf(y_true)) +
          " and y_pred " + ShapeString(ShapeOf(y_pred)));
   }
-  return CheckRowShape(ShapeOf(y_pred));
+  const RowView view = CheckRowShape(ShapeOf(y_pred));
+  if (!sparse) {
+    CheckCpuArray(y_true, "y_true", y_pred.dtype());
+    return view;
+  }
+  if (ShapeOf(y_true) != expected) {
+    Fail("y_true_ids must have y_pred's shape without its last axis, got y_true_ids " +
+         ShapeString(ShapeOf(y_true)) + " and y_pred " + ShapeString(ShapeOf(y_pred)));
+  }
+  const std::string id_dtype = py::str(y_true.dtype().attr("name"));
+  if (id_dtype != "int32" && id_dtype != "int64") {
+    throw py::type_error("y_true_ids must be int32 or int64, got " + id_dtype);
+  }
+  CheckCpuArray(y_true, "y_true_ids", y_true.dtype());
+  for (int64_t i = 0; i < view.rows; ++i) {
+    const int64_t id = id_dtype == "int32" ? static_cast<const int32_t*>(y_true.data())[i]
+                                           : static_cast<const int64_t*>(y_true.data())[i];
+    if (id < 0 || id >= view.num_classes) {
+      Fail("y_true_ids[" + std::to_string(i) + "] (flat index) = " + std::to_string(id) +
+           " is outside [0, " + std::to_string(view.num_classes) + ")");
+    }
+  }
+  return view;
+}
+
+// Calls fn(row -> target row) for dense values of T or sparse int32/int64 ids.
+template <typename T, typename Fn>
+auto WithTargetRows(const py::array& y_true, bool sparse, int64_t num_classes, Fn&& fn) {
+  if (!sparse) {
+    const T* t = static_cast<const T*>(y_true.data());
+    return fn([t, num_classes](int64_t row) { return DenseRow(t + row * num_classes); });
+  }
+  if (py::str(y_true.dtype().attr("name")).cast<std::string>() == "int32") {
+    const int32_t* ids = static_cast<const int32_t*>(y_true.data());
+    return fn([ids](int64_t row) { return SparseTargetRow{ids[row]}; });
+  }
+  const int64_t* ids = static_cast<const int64_t*>(y_true.data());
+  return fn([ids](int64_t row) { return SparseTargetRow{ids[row]}; });
 }
 
 py::array Forward(const py::array& y_true, const py::array& y_pred,
-                  const std::vector<int64_t>& masked_tokens) {
-  const RowView view = CheckPair(y_true, y_pred);
+                  const std::vector<int64_t>& masked_tokens, bool sparse) {
+  const RowView view = CheckTargets(y_true, y_pred, sparse);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
-  CheckCpuArray(y_true, "y_true", y_pred.dtype());
   CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
   std::vector<int64_t> loss_shape = ShapeOf(y_pred);
   loss_shape.pop_back();
   return DispatchCpuDtype(y_pred, [&](auto zero) {
     using T = decltype(zero);
     py::array loss(y_pred.dtype(), loss_shape);
-    const T* t = static_cast<const T*>(y_true.data());
     const T* p = static_cast<const T*>(y_pred.data());
     T* out = static_cast<T*>(loss.mutable_data());
-    py::gil_scoped_release release;
-    for (int64_t row = 0; row < view.rows; ++row) {
-      const int64_t offset = row * view.num_classes;
-      out[row] = ComputeRowLoss(t + offset, p + offset, view.num_classes, tokens);
-    }
-    return loss;
+    return WithTargetRows<T>(y_true, sparse, view.num_classes, [&](auto target_row) {
+      py::gil_scoped_release release;
+      for (int64_t row = 0; row < view.rows; ++row) {
+        out[row] = ComputeRowLoss(target_row(row), p + row * view.num_classes, view.num_classes,
+                                  tokens);
+      }
+      return loss;
+    });
   });
 }
 
 py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
-                   const std::vector<int64_t>& masked_tokens) {
-  const RowView view = CheckPair(y_true, y_pred);
+                   const std::vector<int64_t>& masked_tokens, bool sparse) {
+  const RowView view = CheckTargets(y_true, y_pred, sparse);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   std::vector<int64_t> loss_shape = ShapeOf(y_pred);
   loss_shape.pop_back();
@@ -149,22 +191,23 @@ py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::a
     Fail("grad_loss must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
          ShapeString(ShapeOf(grad_loss)));
   }
-  CheckCpuArray(y_true, "y_true", y_pred.dtype());
   CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
   CheckCpuArray(grad_loss, "grad_loss", y_pred.dtype());
   return DispatchCpuDtype(y_pred, [&](auto zero) {
     using T = decltype(zero);
     py::array grad(y_pred.dtype(), ShapeOf(y_pred));
-    const T* t = static_cast<const T*>(y_true.data());
     const T* p = static_cast<const T*>(y_pred.data());
     const T* g = static_cast<const T*>(grad_loss.data());
     T* out = static_cast<T*>(grad.mutable_data());
-    py::gil_scoped_release release;
-    for (int64_t row = 0; row < view.rows; ++row) {
-      const int64_t offset = row * view.num_classes;
-      ComputeRowGradient(t + offset, p + offset, view.num_classes, tokens, g[row], out + offset);
-    }
-    return grad;
+    return WithTargetRows<T>(y_true, sparse, view.num_classes, [&](auto target_row) {
+      py::gil_scoped_release release;
+      for (int64_t row = 0; row < view.rows; ++row) {
+        const int64_t offset = row * view.num_classes;
+        ComputeRowGradient(target_row(row), p + offset, view.num_classes, tokens, g[row],
+                           out + offset);
+      }
+      return grad;
+    });
   });
 }
 
@@ -230,30 +273,51 @@ void CheckCudaStatus(cudaError_t status, const char* what) {
   }
 }
 
+// y_true is a device pointer to dense values of `dtype` (id_dtype empty), or
+// to int32/int64 class ids (id_dtype "int32"/"int64"; an id outside [0, C)
+// gives NaN on the GPU: the caller validates ids where it can).
+template <typename T, typename Fn>
+cudaError_t DispatchCudaTargets(uintptr_t y_true, const std::string& id_dtype, Fn&& fn) {
+  if (id_dtype.empty()) return fn(reinterpret_cast<const T*>(y_true));
+  if (id_dtype == "int32") return fn(reinterpret_cast<const int32_t*>(y_true));
+  if (id_dtype == "int64") return fn(reinterpret_cast<const int64_t*>(y_true));
+  throw py::type_error("id_dtype must be '', 'int32' or 'int64', got " + id_dtype);
+}
+
 void CudaForward(uintptr_t y_true, uintptr_t y_pred, uintptr_t loss,
                  const std::vector<int64_t>& shape, const std::string& dtype,
-                 const std::vector<int64_t>& masked_tokens, uintptr_t stream) {
+                 const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+                 const std::string& id_dtype) {
   const RowView view = CheckRowShape(shape);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCudaPointer(y_true, "y_true", view.rows);
   CheckCudaPointer(y_pred, "y_pred", view.rows);
   CheckCudaPointer(loss, "loss", view.rows);
   py::gil_scoped_release release;
-  CheckCudaStatus(DispatchCudaDtype(dtype,
-                                    [&](auto zero) {
-                                      using T = decltype(zero);
-                                      return LaunchMaskedMaeForward(
-                                          reinterpret_cast<const T*>(y_true),
-                                          reinterpret_cast<const T*>(y_pred), view.rows,
-                                          view.num_classes, tokens, reinterpret_cast<T*>(loss),
-                                          reinterpret_cast<cudaStream_t>(stream));
-                                    }),
-                  "masked MAE forward");
+  CheckCudaStatus(
+      DispatchCudaDtype(dtype,
+                        [&](auto zero) {
+                          using T = decltype(zero);
+                          return DispatchCudaTargets<T>(y_true, id_dtype, [&](auto targets) {
+                            const T* p = reinterpret_cast<const T*>(y_pred);
+                            T* out = reinterpret_cast<T*>(loss);
+                            const auto s = reinterpret_cast<cudaStream_t>(stream);
+                            if constexpr (std::is_same_v<decltype(targets), const T*>) {
+                              return LaunchMaskedMaeForward(targets, p, view.rows,
+                                                            view.num_classes, tokens, out, s);
+                            } else {
+                              return LaunchSparseMaskedMaeForward(targets, p, view.rows,
+                                                                  view.num_classes, tokens, out, s);
+                            }
+                          });
+                        }),
+      "masked MAE forward");
 }
 
 void CudaGradient(uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss, uintptr_t grad_y_pred,
                   const std::vector<int64_t>& shape, const std::string& dtype,
-                  const std::vector<int64_t>& masked_tokens, uintptr_t stream) {
+                  const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+                  const std::string& id_dtype) {
   const RowView view = CheckRowShape(shape);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCudaPointer(y_true, "y_true", view.rows);
@@ -261,18 +325,25 @@ void CudaGradient(uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss, uintp
   CheckCudaPointer(grad_loss, "grad_loss", view.rows);
   CheckCudaPointer(grad_y_pred, "grad_y_pred", view.rows);
   py::gil_scoped_release release;
-  CheckCudaStatus(DispatchCudaDtype(dtype,
-                                    [&](auto zero) {
-                                      using T = decltype(zero);
-                                      return LaunchMaskedMaeGradient(
-                                          reinterpret_cast<const T*>(y_true),
-                                          reinterpret_cast<const T*>(y_pred),
-                                          reinterpret_cast<const T*>(grad_loss), view.rows,
-                                          view.num_classes, tokens,
-                                          reinterpret_cast<T*>(grad_y_pred),
-                                          reinterpret_cast<cudaStream_t>(stream));
-                                    }),
-                  "masked MAE gradient");
+  CheckCudaStatus(
+      DispatchCudaDtype(dtype,
+                        [&](auto zero) {
+                          using T = decltype(zero);
+                          return DispatchCudaTargets<T>(y_true, id_dtype, [&](auto targets) {
+                            const T* p = reinterpret_cast<const T*>(y_pred);
+                            const T* g = reinterpret_cast<const T*>(grad_loss);
+                            T* out = reinterpret_cast<T*>(grad_y_pred);
+                            const auto s = reinterpret_cast<cudaStream_t>(stream);
+                            if constexpr (std::is_same_v<decltype(targets), const T*>) {
+                              return LaunchMaskedMaeGradient(targets, p, g, view.rows,
+                                                             view.num_classes, tokens, out, s);
+                            } else {
+                              return LaunchSparseMaskedMaeGradient(
+                                  targets, p, g, view.rows, view.num_classes, tokens, out, s);
+                            }
+                          });
+                        }),
+      "masked MAE gradient");
 }
 
 #endif  // FUSED_MASKED_MAE_WITH_CUDA
@@ -284,10 +355,11 @@ PYBIND11_MODULE(_core, m) {
   using namespace fused_masked_mae;
   m.doc() = "Fused masked MAE loss and gradient without TensorFlow (NumPy on CPU, CUDA pointers).";
   m.def("forward", &Forward, py::arg("y_true"), py::arg("y_pred"),
-        py::arg("masked_tokens") = std::vector<int64_t>{},
-        "Per-position loss [...] for C-contiguous NumPy arrays [..., C].");
+        py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
+        "Per-position loss [...] for C-contiguous NumPy arrays [..., C] (sparse: y_true is "
+        "int32/int64 class ids [...]).");
   m.def("gradient", &Gradient, py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"),
-        py::arg("masked_tokens") = std::vector<int64_t>{},
+        py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
         "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative).");
   m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
   m.def("probe_bandwidth", &ProbeBandwidth, py::arg("mode"), py::arg("megabytes") = 512.0,
@@ -297,10 +369,11 @@ PYBIND11_MODULE(_core, m) {
   m.attr("WITH_CUDA") = true;
   m.def("cuda_forward", &CudaForward, py::arg("y_true"), py::arg("y_pred"), py::arg("loss"),
         py::arg("shape"), py::arg("dtype"), py::arg("masked_tokens"), py::arg("stream"),
+        py::arg("id_dtype") = std::string(),
         "Launches the forward kernel on raw device pointers (row-major, contiguous).");
   m.def("cuda_gradient", &CudaGradient, py::arg("y_true"), py::arg("y_pred"),
         py::arg("grad_loss"), py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"),
-        py::arg("masked_tokens"), py::arg("stream"),
+        py::arg("masked_tokens"), py::arg("stream"), py::arg("id_dtype") = std::string(),
         "Launches the gradient kernel on raw device pointers (row-major, contiguous).");
 #else
   m.attr("WITH_CUDA") = false;

@@ -29,6 +29,19 @@ cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* g
                                     const MaskedTokenSet& tokens, T* grad_y_pred,
                                     cudaStream_t stream);
 
+// The sparse loss: y_true_ids [rows] (int32 or int64) stands for one_hot(ids).
+// An id outside [0, num_classes) gives a NaN loss and a NaN gradient row.
+template <typename T, typename Id>
+cudaError_t LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
+                                         int64_t num_classes, const MaskedTokenSet& tokens,
+                                         T* loss, cudaStream_t stream);
+
+template <typename T, typename Id>
+cudaError_t LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
+                                          const T* grad_loss, int64_t rows, int64_t num_classes,
+                                          const MaskedTokenSet& tokens, T* grad_y_pred,
+                                          cudaStream_t stream);
+
 }  // namespace fused_masked_mae
 
 #endif  // FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CUDA_H_

@@ -10,6 +10,7 @@
 
 #include "cc/kernels/masked_mae_kernels.h"
 
+#include <type_traits>
 #include <vector>
 
 #include "cc/kernels/host_float16.h"
@@ -78,33 +79,43 @@ void ForEachRowParallel(OpKernelContext* ctx, int64_t rows, int64_t num_classes,
 
 }  // namespace
 
-template <typename T>
-struct MaskedMaeFunctor<CPUDevice, T> {
-  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred, int64_t rows,
-                          int64_t num_classes, const MaskedTokenSet& tokens, T* loss) {
-    const auto* t = AsHost(y_true);
+// The target row of `row`: dense values, or the class id of the sparse loss.
+template <typename T, typename TargetT>
+auto TargetRowAt(const TargetT* y_true, int64_t row, int64_t num_classes) {
+  if constexpr (std::is_same_v<TargetT, T>) {
+    return DenseRow(AsHost(y_true) + row * num_classes);
+  } else {
+    return SparseTargetRow{static_cast<int64_t>(y_true[row])};
+  }
+}
+
+template <typename T, typename TargetT>
+struct MaskedMaeFunctor<CPUDevice, T, TargetT> {
+  absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
+                          int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
+                          T* loss) {
     const auto* p = AsHost(y_pred);
     auto* out = AsHost(loss);
     ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
-      const int64_t offset = row * num_classes;
-      out[row] = ComputeRowLoss(t + offset, p + offset, num_classes, tokens);
+      out[row] = ComputeRowLoss(TargetRowAt<T>(y_true, row, num_classes), p + row * num_classes,
+                                num_classes, tokens);
     });
     return absl::OkStatus();
   }
 };
 
-template <typename T>
-struct MaskedMaeGradFunctor<CPUDevice, T> {
-  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred,
+template <typename T, typename TargetT>
+struct MaskedMaeGradFunctor<CPUDevice, T, TargetT> {
+  absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           const MaskedTokenSet& tokens, T* grad_y_pred) {
-    const auto* t = AsHost(y_true);
     const auto* p = AsHost(y_pred);
     const auto* g = AsHost(grad_loss);
     auto* out = AsHost(grad_y_pred);
     ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
       const int64_t offset = row * num_classes;
-      ComputeRowGradient(t + offset, p + offset, num_classes, tokens, g[row], out + offset);
+      ComputeRowGradient(TargetRowAt<T>(y_true, row, num_classes), p + offset, num_classes,
+                         tokens, g[row], out + offset);
     });
     return absl::OkStatus();
   }
@@ -140,27 +151,41 @@ absl::Status LaunchStatus(cudaError_t error, const char* what) {
       absl::StrCat("launching the ", what, " CUDA kernel failed: ", cudaGetErrorString(error)));
 }
 
-template <typename T>
-struct MaskedMaeFunctor<GPUDevice, T> {
-  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred, int64_t rows,
-                          int64_t num_classes, const MaskedTokenSet& tokens, T* loss) {
-    return LaunchStatus(
-        LaunchMaskedMaeForward(AsCuda(y_true), AsCuda(y_pred), rows, num_classes, tokens,
-                               AsCuda(loss), ctx->eigen_device<GPUDevice>().stream()),
-        "masked MAE forward");
+template <typename T, typename TargetT>
+struct MaskedMaeFunctor<GPUDevice, T, TargetT> {
+  absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
+                          int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
+                          T* loss) {
+    const auto stream = ctx->eigen_device<GPUDevice>().stream();
+    if constexpr (std::is_same_v<TargetT, T>) {
+      return LaunchStatus(LaunchMaskedMaeForward(AsCuda(y_true), AsCuda(y_pred), rows,
+                                                 num_classes, tokens, AsCuda(loss), stream),
+                          "masked MAE forward");
+    } else {
+      return LaunchStatus(LaunchSparseMaskedMaeForward(y_true, AsCuda(y_pred), rows, num_classes,
+                                                       tokens, AsCuda(loss), stream),
+                          "sparse masked MAE forward");
+    }
   }
 };
 
-template <typename T>
-struct MaskedMaeGradFunctor<GPUDevice, T> {
-  absl::Status operator()(OpKernelContext* ctx, const T* y_true, const T* y_pred,
+template <typename T, typename TargetT>
+struct MaskedMaeGradFunctor<GPUDevice, T, TargetT> {
+  absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           const MaskedTokenSet& tokens, T* grad_y_pred) {
-    return LaunchStatus(
-        LaunchMaskedMaeGradient(AsCuda(y_true), AsCuda(y_pred), AsCuda(grad_loss), rows,
-                                num_classes, tokens, AsCuda(grad_y_pred),
-                                ctx->eigen_device<GPUDevice>().stream()),
-        "masked MAE gradient");
+    const auto stream = ctx->eigen_device<GPUDevice>().stream();
+    if constexpr (std::is_same_v<TargetT, T>) {
+      return LaunchStatus(
+          LaunchMaskedMaeGradient(AsCuda(y_true), AsCuda(y_pred), AsCuda(grad_loss), rows,
+                                  num_classes, tokens, AsCuda(grad_y_pred), stream),
+          "masked MAE gradient");
+    } else {
+      return LaunchStatus(
+          LaunchSparseMaskedMaeGradient(y_true, AsCuda(y_pred), AsCuda(grad_loss), rows,
+                                        num_classes, tokens, AsCuda(grad_y_pred), stream),
+          "sparse masked MAE gradient");
+    }
   }
 };
 #endif  // GOOGLE_CUDA
@@ -196,24 +221,36 @@ class MaskedMaeOpBase : public OpKernel {
  protected:
   // Checks y_true/y_pred and sets the [rows, num_classes] view and the loss
   // shape. Returns false (with ctx's status set) on invalid input.
+  // Dense: y_true has y_pred's shape. Sparse (TargetT an integer): y_true
+  // holds class ids of y_pred's shape without its last axis, each in [0, C);
+  // the ids are checked here on CPU (on GPU they are in device memory, and
+  // the kernels give NaN for an invalid id, as TensorFlow's sparse
+  // cross-entropy does).
+  template <typename Device, typename T, typename TargetT>
   bool ValidateInputs(OpKernelContext* ctx, const Tensor& y_true, const Tensor& y_pred,
                       int64_t* rows, int64_t* num_classes, TensorShape* loss_shape) {
-    OP_REQUIRES_VALUE_OR_FALSE(ctx, y_true.dims() >= 1,
+    constexpr bool kSparse = !std::is_same_v<TargetT, T>;
+    OP_REQUIRES_VALUE_OR_FALSE(ctx, y_pred.dims() >= 1,
                                absl::InvalidArgumentError(absl::StrCat(
-                                   "y_true must have rank >= 1 (a last axis of classes), got "
+                                   "y_pred must have rank >= 1 (a last axis of classes), got "
                                    "shape ",
-                                   y_true.shape().DebugString())));
+                                   y_pred.shape().DebugString())));
+    *loss_shape = y_pred.shape();
+    loss_shape->RemoveLastDims(1);
+    const TensorShape& expected = kSparse ? *loss_shape : y_pred.shape();
     OP_REQUIRES_VALUE_OR_FALSE(
-        ctx, y_true.shape() == y_pred.shape(),
+        ctx, y_true.shape() == expected,
         absl::InvalidArgumentError(absl::StrCat(
-            "y_true and y_pred must have the same shape, got y_true ",
+            kSparse ? "y_true_ids must have y_pred's shape without its last dimension, got "
+                      "y_true_ids "
+                    : "y_true and y_pred must have the same shape, got y_true ",
             y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
-    *num_classes = y_true.dim_size(y_true.dims() - 1);
+    *num_classes = y_pred.dim_size(y_pred.dims() - 1);
     OP_REQUIRES_VALUE_OR_FALSE(
         ctx, *num_classes > 0,
         absl::InvalidArgumentError(
             absl::StrCat("the last dimension (classes) must be positive, got shape ",
-                         y_true.shape().DebugString())));
+                         y_pred.shape().DebugString())));
     for (int k = 0; k < tokens_.count; ++k) {
       OP_REQUIRES_VALUE_OR_FALSE(
           ctx, tokens_.ids[k] < *num_classes,
@@ -222,16 +259,24 @@ class MaskedMaeOpBase : public OpKernel {
                                                   ") for inputs with ", *num_classes,
                                                   " classes")));
     }
-    *rows = y_true.NumElements() / *num_classes;
-    *loss_shape = y_true.shape();
-    loss_shape->RemoveLastDims(1);
+    *rows = loss_shape->num_elements();
+    if constexpr (kSparse && std::is_same_v<Device, CPUDevice>) {
+      const auto ids = y_true.flat<TargetT>();
+      for (int64_t i = 0; i < ids.size(); ++i) {
+        OP_REQUIRES_VALUE_OR_FALSE(
+            ctx, ids(i) >= 0 && ids(i) < *num_classes,
+            absl::InvalidArgumentError(absl::StrCat(
+                "y_true_ids[", i, "] (flat index) = ", ids(i), " is outside [0, ", *num_classes,
+                ") for y_pred with ", *num_classes, " classes")));
+      }
+    }
     return true;
   }
 
   MaskedTokenSet tokens_{};
 };
 
-template <typename Device, typename T>
+template <typename Device, typename T, typename TargetT>
 class MaskedMaeOp : public MaskedMaeOpBase {
  public:
   using MaskedMaeOpBase::MaskedMaeOpBase;
@@ -241,17 +286,20 @@ class MaskedMaeOp : public MaskedMaeOpBase {
     const Tensor& y_pred = ctx->input(1);
     int64_t rows, num_classes;
     TensorShape loss_shape;
-    if (!ValidateInputs(ctx, y_true, y_pred, &rows, &num_classes, &loss_shape)) return;
+    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, &rows, &num_classes,
+                                            &loss_shape)) {
+      return;
+    }
     Tensor* loss = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, loss_shape, &loss));
     if (rows == 0) return;
-    OP_REQUIRES_OK(ctx, MaskedMaeFunctor<Device, T>()(ctx, y_true.flat<T>().data(),
-                                                      y_pred.flat<T>().data(), rows, num_classes,
-                                                      tokens_, loss->flat<T>().data()));
+    OP_REQUIRES_OK(ctx, (MaskedMaeFunctor<Device, T, TargetT>()(
+                            ctx, y_true.flat<TargetT>().data(), y_pred.flat<T>().data(), rows,
+                            num_classes, tokens_, loss->flat<T>().data())));
   }
 };
 
-template <typename Device, typename T>
+template <typename Device, typename T, typename TargetT>
 class MaskedMaeGradOp : public MaskedMaeOpBase {
  public:
   using MaskedMaeOpBase::MaskedMaeOpBase;
@@ -262,7 +310,10 @@ class MaskedMaeGradOp : public MaskedMaeOpBase {
     const Tensor& grad_loss = ctx->input(2);
     int64_t rows, num_classes;
     TensorShape loss_shape;
-    if (!ValidateInputs(ctx, y_true, y_pred, &rows, &num_classes, &loss_shape)) return;
+    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, &rows, &num_classes,
+                                            &loss_shape)) {
+      return;
+    }
     OP_REQUIRES(ctx, grad_loss.shape() == loss_shape,
                 absl::InvalidArgumentError(absl::StrCat(
                     "grad_loss must have the shape of the loss ", loss_shape.DebugString(),
@@ -271,20 +322,34 @@ class MaskedMaeGradOp : public MaskedMaeOpBase {
     Tensor* grad_y_pred = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_pred.shape(), &grad_y_pred));
     if (rows == 0) return;
-    OP_REQUIRES_OK(ctx, MaskedMaeGradFunctor<Device, T>()(
-                            ctx, y_true.flat<T>().data(), y_pred.flat<T>().data(),
+    OP_REQUIRES_OK(ctx, (MaskedMaeGradFunctor<Device, T, TargetT>()(
+                            ctx, y_true.flat<TargetT>().data(), y_pred.flat<T>().data(),
                             grad_loss.flat<T>().data(), rows, num_classes, tokens_,
-                            grad_y_pred->flat<T>().data()));
+                            grad_y_pred->flat<T>().data())));
   }
 };
 
-#define REGISTER_KERNELS(DEVICE_NAME, DEVICE, T)                                          \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("FusedMaskedMae>MaskedMae").Device(DEVICE_NAME).TypeConstraint<T>("T"),        \
-      MaskedMaeOp<DEVICE, T>);                                                            \
-  REGISTER_KERNEL_BUILDER(                                                                \
-      Name("FusedMaskedMae>MaskedMaeGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),    \
-      MaskedMaeGradOp<DEVICE, T>);
+#define REGISTER_KERNELS(DEVICE_NAME, DEVICE, T)                                            \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("FusedMaskedMae>MaskedMae").Device(DEVICE_NAME).TypeConstraint<T>("T"),          \
+      MaskedMaeOp<DEVICE, T, T>);                                                           \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name("FusedMaskedMae>MaskedMaeGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),      \
+      MaskedMaeGradOp<DEVICE, T, T>);                                                       \
+  REGISTER_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, int32_t)                                  \
+  REGISTER_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, int64_t)
+
+#define REGISTER_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, ID)                                 \
+  REGISTER_KERNEL_BUILDER(Name("FusedMaskedMae>SparseMaskedMae")                            \
+                              .Device(DEVICE_NAME)                                          \
+                              .TypeConstraint<T>("T")                                       \
+                              .TypeConstraint<ID>("Tidx"),                                  \
+                          MaskedMaeOp<DEVICE, T, ID>);                                      \
+  REGISTER_KERNEL_BUILDER(Name("FusedMaskedMae>SparseMaskedMaeGrad")                        \
+                              .Device(DEVICE_NAME)                                          \
+                              .TypeConstraint<T>("T")                                       \
+                              .TypeConstraint<ID>("Tidx"),                                  \
+                          MaskedMaeGradOp<DEVICE, T, ID>);
 
 #define REGISTER_CPU(T) REGISTER_KERNELS(::tensorflow::DEVICE_CPU, CPUDevice, T)
 TF_CALL_half(REGISTER_CPU);

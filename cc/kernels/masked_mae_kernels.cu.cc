@@ -34,9 +34,26 @@ constexpr int kMaxRowBlockThreads = 512;       // largest block for one row
 constexpr int64_t kMaxGridBlocks = 1 << 20;    // grid-stride beyond this
 constexpr int kChunksPerLane = 4;              // work per lane that sizes the group
 
+// Where a kernel reads its targets: dense rows of T, or one class id per row.
 template <typename T>
+struct DenseTargets {
+  const T* values;
+  __device__ DenseTargetRow<T> Row(int64_t row, int64_t num_classes) const {
+    return {values + row * num_classes};
+  }
+};
+
+template <typename Id>
+struct SparseTargets {
+  const Id* ids;
+  __device__ SparseTargetRow Row(int64_t row, int64_t) const {
+    return {static_cast<int64_t>(ids[row])};
+  }
+};
+
+template <typename T, typename Targets>
 struct KernelParams {
-  const T* y_true;
+  Targets y_true;
   const T* y_pred;
   const T* grad_loss;  // gradient kernel only
   T* out;              // loss [rows] or grad_y_pred [rows, num_classes]
@@ -62,8 +79,39 @@ union Chunk {
   __device__ Chunk() {}
 };
 
+// 16-byte loads need every row pointer they read or write aligned.
+template <typename T>
+__device__ __forceinline__ bool TargetAligned(const DenseTargetRow<T>& row) {
+  return Aligned16(row.values);
+}
+__device__ __forceinline__ bool TargetAligned(const SparseTargetRow&) { return true; }
+
+// The targets of one full chunk, as Acc.
 template <typename T, typename Acc>
-__device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const T* t, const T* p,
+__device__ __forceinline__ void LoadTargetChunk(const DenseTargetRow<T>& row, int64_t first,
+                                                Acc (&out)[Vec<T>::kSize]) {
+  Chunk<T> chunk;
+  chunk.raw = __ldg(reinterpret_cast<const uint4*>(row.values + first));
+#pragma unroll
+  for (int k = 0; k < Vec<T>::kSize; ++k) out[k] = static_cast<Acc>(chunk.values[k]);
+}
+template <typename T, typename Acc>
+__device__ __forceinline__ void LoadTargetChunk(const SparseTargetRow& row, int64_t first,
+                                                Acc (&out)[Vec<T>::kSize]) {
+#pragma unroll
+  for (int k = 0; k < Vec<T>::kSize; ++k) out[k] = row.At<Acc>(first + k);
+}
+
+// The CUDA kernels treat an id outside [0, C) as NaN (host code rejects it
+// before launching; this only keeps a bad id from reading anything).
+template <typename T>
+__device__ __forceinline__ bool TargetValid(const DenseTargetRow<T>&, int64_t) { return true; }
+__device__ __forceinline__ bool TargetValid(const SparseTargetRow& row, int64_t num_classes) {
+  return row.id >= 0 && row.id < num_classes;
+}
+
+template <typename T, typename TargetRow, typename Acc>
+__device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const TargetRow& t, const T* p,
                                                           int64_t num_classes, bool vector_ok,
                                                           int lane, int group, Acc lowest) {
   constexpr int kVec = Vec<T>::kSize;
@@ -72,17 +120,16 @@ __device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const T* t, const T* p
   for (int64_t c = lane; c < chunks; c += group) {
     const int64_t first = c * kVec;
     if (vector_ok && first + kVec <= num_classes) {
-      Chunk<T> tc, pc;
-      tc.raw = __ldg(reinterpret_cast<const uint4*>(t + first));
+      Acc tv[kVec];
+      LoadTargetChunk<T>(t, first, tv);
+      Chunk<T> pc;
       pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        part.Observe(static_cast<Acc>(tc.values[k]), static_cast<Acc>(pc.values[k]), first + k);
-      }
+      for (int k = 0; k < kVec; ++k) part.Observe(tv[k], static_cast<Acc>(pc.values[k]), first + k);
     } else {
       const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
       for (int64_t i = first; i < last; ++i) {
-        part.Observe(static_cast<Acc>(t[i]), static_cast<Acc>(p[i]), i);
+        part.Observe(t.template At<Acc>(i), static_cast<Acc>(p[i]), i);
       }
     }
   }
@@ -134,8 +181,8 @@ __device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc
   return part;
 }
 
-template <typename T, typename Acc>
-__device__ __forceinline__ void WriteLaneGradient(const T* t, const T* p, T* grad,
+template <typename T, typename TargetRow, typename Acc>
+__device__ __forceinline__ void WriteLaneGradient(const TargetRow& t, const T* p, T* grad,
                                                   int64_t num_classes, bool vector_ok,
                                                   int lane, int group, Acc scale) {
   constexpr int kVec = Vec<T>::kSize;
@@ -143,22 +190,28 @@ __device__ __forceinline__ void WriteLaneGradient(const T* t, const T* p, T* gra
   for (int64_t c = lane; c < chunks; c += group) {
     const int64_t first = c * kVec;
     if (vector_ok && first + kVec <= num_classes) {
-      Chunk<T> tc, pc, gc;
-      tc.raw = __ldg(reinterpret_cast<const uint4*>(t + first));
+      Acc tv[kVec];
+      LoadTargetChunk<T>(t, first, tv);
+      Chunk<T> pc, gc;
       pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) gc.values[k] = ElementGradient(scale, tc.values[k], pc.values[k]);
+      for (int k = 0; k < kVec; ++k) {
+        gc.values[k] = ElementGradient<T>(scale, tv[k], static_cast<Acc>(pc.values[k]));
+      }
       *reinterpret_cast<uint4*>(grad + first) = gc.raw;
     } else {
       const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
-      for (int64_t i = first; i < last; ++i) grad[i] = ElementGradient(scale, t[i], p[i]);
+      for (int64_t i = first; i < last; ++i) {
+        grad[i] = ElementGradient<T>(scale, t.template At<Acc>(i), static_cast<Acc>(p[i]));
+      }
     }
   }
 }
 
 // kGroup: lanes per row (1..32), or 0 for one whole block per row.
-template <typename T, int kGroup, bool kGradient>
-__global__ void __launch_bounds__(kMaxRowBlockThreads) MaskedMaeKernel(KernelParams<T> params) {
+template <typename T, typename Targets, int kGroup, bool kGradient>
+__global__ void __launch_bounds__(kMaxRowBlockThreads)
+    MaskedMaeKernel(KernelParams<T, Targets> params) {
   using Acc = typename AccumulatorOf<T>::type;
   const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
   const int group = kGroup > 0 ? kGroup : static_cast<int>(blockDim.x);
@@ -171,25 +224,32 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads) MaskedMaeKernel(KernelPar
   for (int64_t first_row = blockIdx.x * rows_per_block; first_row < params.rows;
        first_row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const int64_t row = first_row + threadIdx.x / group;
-    const bool valid = row < params.rows;
-    const int64_t offset = (valid ? row : 0) * num_classes;
-    const T* t = params.y_true + offset;
+    const bool in_range = row < params.rows;
+    const int64_t safe_row = in_range ? row : 0;
+    const int64_t offset = safe_row * num_classes;
+    const auto t = params.y_true.Row(safe_row, num_classes);
+    const bool valid = in_range && TargetValid(t, num_classes);
     const T* p = params.y_pred + offset;
-    bool vector_ok = Aligned16(t) && Aligned16(p);
+    bool vector_ok = TargetAligned(t) && Aligned16(p);
     if (kGradient) vector_ok = vector_ok && Aligned16(params.out + offset);
 
     RowPartial<Acc> part = valid
                                ? ScanLaneChunks(t, p, num_classes, vector_ok, lane, group, lowest)
                                : RowPartial<Acc>::Empty(lowest);
     part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, lowest);
-    if (!valid) continue;
+    if (!in_range) continue;
 
+    const Acc nan = Acc(NAN);
     if (!kGradient) {
-      if (lane == 0) params.out[row] = static_cast<T>(RowLoss(part, params.tokens, num_classes));
-    } else {
+      if (lane == 0) {
+        params.out[row] = static_cast<T>(valid ? RowLoss(part, params.tokens, num_classes) : nan);
+      }
+    } else if (valid) {
       const Acc scale =
           RowGradientScale(params.grad_loss[row], KeepFactor(part, params.tokens), num_classes);
       WriteLaneGradient(t, p, params.out + offset, num_classes, vector_ok, lane, group, scale);
+    } else {
+      for (int64_t i = lane; i < num_classes; i += group) params.out[offset + i] = static_cast<T>(nan);
     }
   }
 }
@@ -200,8 +260,8 @@ int NextPowerOfTwo(int64_t n) {
   return p;
 }
 
-template <typename T, bool kGradient>
-cudaError_t Launch(const KernelParams<T>& params, cudaStream_t stream) {
+template <typename T, typename Targets, bool kGradient>
+cudaError_t Launch(const KernelParams<T, Targets>& params, cudaStream_t stream) {
   if (params.rows == 0) return cudaSuccess;
   const int64_t chunks = (params.num_classes + Vec<T>::kSize - 1) / Vec<T>::kSize;
   const int64_t lanes_wanted = (chunks + kChunksPerLane - 1) / kChunksPerLane;
@@ -212,18 +272,24 @@ cudaError_t Launch(const KernelParams<T>& params, cudaStream_t stream) {
         std::min((params.rows + rows_per_block - 1) / rows_per_block, kMaxGridBlocks);
     const dim3 grid(static_cast<unsigned>(blocks)), block(kRowsPerWarpBlockThreads);
     switch (group) {
-      case 1: MaskedMaeKernel<T, 1, kGradient><<<grid, block, 0, stream>>>(params); break;
-      case 2: MaskedMaeKernel<T, 2, kGradient><<<grid, block, 0, stream>>>(params); break;
-      case 4: MaskedMaeKernel<T, 4, kGradient><<<grid, block, 0, stream>>>(params); break;
-      case 8: MaskedMaeKernel<T, 8, kGradient><<<grid, block, 0, stream>>>(params); break;
-      case 16: MaskedMaeKernel<T, 16, kGradient><<<grid, block, 0, stream>>>(params); break;
-      default: MaskedMaeKernel<T, 32, kGradient><<<grid, block, 0, stream>>>(params); break;
+#define MMAE_CASE(G)                                                                 \
+  case G:                                                                            \
+    MaskedMaeKernel<T, Targets, G, kGradient><<<grid, block, 0, stream>>>(params); \
+    break;
+      MMAE_CASE(1)
+      MMAE_CASE(2)
+      MMAE_CASE(4)
+      MMAE_CASE(8)
+      MMAE_CASE(16)
+      default:
+        MMAE_CASE(32)
+#undef MMAE_CASE
     }
   } else {
     const int threads = static_cast<int>(
         std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, NextPowerOfTwo(lanes_wanted))));
     const int64_t blocks = std::min(params.rows, kMaxGridBlocks);
-    MaskedMaeKernel<T, 0, kGradient>
+    MaskedMaeKernel<T, Targets, 0, kGradient>
         <<<dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream>>>(params);
   }
   return cudaGetLastError();
@@ -235,7 +301,8 @@ template <typename T>
 cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
                                    int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
                                    cudaStream_t stream) {
-  return Launch<T, false>({y_true, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
+  return Launch<T, DenseTargets<T>, false>(
+      {{y_true}, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
 }
 
 template <typename T>
@@ -243,20 +310,47 @@ cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* g
                                     int64_t rows, int64_t num_classes,
                                     const MaskedTokenSet& tokens, T* grad_y_pred,
                                     cudaStream_t stream) {
-  return Launch<T, true>({y_true, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens},
-                         stream);
+  return Launch<T, DenseTargets<T>, true>(
+      {{y_true}, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens}, stream);
 }
 
+template <typename T, typename Id>
+cudaError_t LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
+                                         int64_t num_classes, const MaskedTokenSet& tokens,
+                                         T* loss, cudaStream_t stream) {
+  return Launch<T, SparseTargets<Id>, false>(
+      {{y_true_ids}, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
+}
+
+template <typename T, typename Id>
+cudaError_t LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
+                                          const T* grad_loss, int64_t rows, int64_t num_classes,
+                                          const MaskedTokenSet& tokens, T* grad_y_pred,
+                                          cudaStream_t stream) {
+  return Launch<T, SparseTargets<Id>, true>(
+      {{y_true_ids}, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens}, stream);
+}
+
+#define INSTANTIATE_SPARSE(T, Id)                                                              \
+  template cudaError_t LaunchSparseMaskedMaeForward<T, Id>(                                   \
+      const Id*, const T*, int64_t, int64_t, const MaskedTokenSet&, T*, cudaStream_t);       \
+  template cudaError_t LaunchSparseMaskedMaeGradient<T, Id>(const Id*, const T*, const T*,   \
+                                                            int64_t, int64_t,                \
+                                                            const MaskedTokenSet&, T*,       \
+                                                            cudaStream_t);
 #define INSTANTIATE(T)                                                                       \
   template cudaError_t LaunchMaskedMaeForward<T>(const T*, const T*, int64_t, int64_t,       \
                                                  const MaskedTokenSet&, T*, cudaStream_t);   \
   template cudaError_t LaunchMaskedMaeGradient<T>(const T*, const T*, const T*, int64_t,     \
                                                   int64_t, const MaskedTokenSet&, T*,        \
-                                                  cudaStream_t);
+                                                  cudaStream_t);                             \
+  INSTANTIATE_SPARSE(T, int32_t)                                                             \
+  INSTANTIATE_SPARSE(T, int64_t)
 INSTANTIATE(__half)
 INSTANTIATE(__nv_bfloat16)
 INSTANTIATE(float)
 INSTANTIATE(double)
+#undef INSTANTIATE_SPARSE
 #undef INSTANTIATE
 
 }  // namespace fused_masked_mae

@@ -1,6 +1,9 @@
-// Device functors for the fused masked MAE op (the tensorflow/addons pattern):
+// Device functors for the fused masked MAE ops (the tensorflow/addons pattern):
 // the OpKernels in masked_mae_kernels.cc validate inputs and allocate outputs,
 // then call these on CPU or GPU. Inputs are viewed as [rows, num_classes].
+//
+// TargetT is T for the dense loss (y_true [rows, num_classes]) and int32/int64
+// for the sparse loss (y_true_ids [rows], standing for one_hot(ids)).
 #ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
 #define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
 
@@ -9,17 +12,17 @@
 
 namespace fused_masked_mae {
 
-template <typename Device, typename T>
+template <typename Device, typename T, typename TargetT>
 struct MaskedMaeFunctor {
-  absl::Status operator()(tensorflow::OpKernelContext* ctx, const T* y_true, const T* y_pred,
-                          int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
-                          T* loss);
+  absl::Status operator()(tensorflow::OpKernelContext* ctx, const TargetT* y_true,
+                          const T* y_pred, int64_t rows, int64_t num_classes,
+                          const MaskedTokenSet& tokens, T* loss);
 };
 
-template <typename Device, typename T>
+template <typename Device, typename T, typename TargetT>
 struct MaskedMaeGradFunctor {
-  absl::Status operator()(tensorflow::OpKernelContext* ctx, const T* y_true, const T* y_pred,
-                          const T* grad_loss, int64_t rows, int64_t num_classes,
+  absl::Status operator()(tensorflow::OpKernelContext* ctx, const TargetT* y_true,
+                          const T* y_pred, const T* grad_loss, int64_t rows, int64_t num_classes,
                           const MaskedTokenSet& tokens, T* grad_y_pred);
 };
 

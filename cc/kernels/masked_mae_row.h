@@ -202,11 +202,37 @@ MMAE_HOST_DEVICE Acc RowGradientScale(T upstream, Acc keep, int64_t num_classes)
       static_cast<T>(GradientScale(static_cast<Acc>(upstream), keep, num_classes)));
 }
 
-// d loss / d y_pred for one element; d loss / d y_true is its negative.
+// d loss / d y_pred for one element, as T; d loss / d y_true is its negative.
 template <typename T, typename Acc>
-MMAE_HOST_DEVICE T ElementGradient(Acc scale, T y_true, T y_pred) {
-  return static_cast<T>(scale * Sign(static_cast<Acc>(y_pred) - static_cast<Acc>(y_true)));
+MMAE_HOST_DEVICE T ElementGradient(Acc scale, Acc y_true, Acc y_pred) {
+  return static_cast<T>(scale * Sign(y_pred - y_true));
 }
+
+// How a row's targets are read: dense values [C], or a class id standing for
+// the one-hot row one_hot(id) (the sparse loss), which is never built.
+// Both give the same Acc values, so the sparse loss equals the dense loss on
+// one_hot(ids) bit for bit.
+template <typename T>
+struct DenseTargetRow {
+  const T* values;
+  template <typename Acc>
+  MMAE_HOST_DEVICE Acc At(int64_t i) const {
+    return static_cast<Acc>(values[i]);
+  }
+};
+
+template <typename T>
+MMAE_HOST_DEVICE DenseTargetRow<T> DenseRow(const T* values) {
+  return {values};
+}
+
+struct SparseTargetRow {
+  int64_t id;  // host callers validate it; the CUDA kernels give NaN when not in [0, C)
+  template <typename Acc>
+  MMAE_HOST_DEVICE Acc At(int64_t i) const {
+    return i == id ? Acc(1) : Acc(0);
+  }
+};
 
 // ---------------------------------------------------------------------------
 // Whole-row routines for host code (the TensorFlow CPU kernel and the pybind11
@@ -226,18 +252,19 @@ constexpr int kHostLanes = 16;
 // vectorizes) before the block holding the first match is searched.
 constexpr int kSearchBlock = 64;
 
-template <typename T, typename Acc>
-inline int64_t FirstIndexOf(const T* x, int64_t end, Acc best, Acc lowest) {
+// x(i) reads element i as Acc.
+template <typename Reader, typename Acc>
+inline int64_t FirstIndexOf(const Reader& x, int64_t end, Acc best, Acc lowest) {
   if (!Improves(best, lowest)) return kNoIndex;  // no candidate in the row
   const int64_t full = end - end % kSearchBlock;
   int64_t base = 0;
   for (; base < full; base += kSearchBlock) {
     int hits = 0;
-    for (int l = 0; l < kSearchBlock; ++l) hits += static_cast<Acc>(x[base + l]) == best;
+    for (int l = 0; l < kSearchBlock; ++l) hits += x(base + l) == best;
     if (hits) break;
   }
   for (int64_t i = base; i < end; ++i) {
-    if (static_cast<Acc>(x[i]) == best) return i;
+    if (x(i) == best) return i;
   }
   return kNoIndex;
 }
@@ -248,20 +275,23 @@ struct HostRowSummary {
   Acc abs_diff_sum;
 };
 
-template <typename T>
-inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const T* y_true, const T* y_pred,
+template <typename T, typename TargetRow>
+inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& y_true,
+                                                              const T* y_pred,
                                                               int64_t num_classes,
                                                               const MaskedTokenSet& tokens) {
   using Acc = typename AccumulatorOf<T>::type;
   const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
+  const auto target_at = [&](int64_t i) { return y_true.template At<Acc>(i); };
+  const auto prediction_at = [&](int64_t i) { return static_cast<Acc>(y_pred[i]); };
   Acc t_best[kHostLanes], p_best[kHostLanes], sum[kHostLanes];
   for (int l = 0; l < kHostLanes; ++l) {
     t_best[l] = p_best[l] = lowest;
     sum[l] = Acc(0);
   }
   const auto observe = [&](int l, int64_t i) {
-    const Acc t = static_cast<Acc>(y_true[i]);
-    const Acc p = static_cast<Acc>(y_pred[i]);
+    const Acc t = target_at(i);
+    const Acc p = prediction_at(i);
     t_best[l] = Improves(t, t_best[l]) ? t : t_best[l];
     p_best[l] = Improves(p, p_best[l]) ? p : p_best[l];
     sum[l] += AbsDiff(p, t);
@@ -283,21 +313,22 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const T* y_true, 
   // Pass 2: argmax t, and whether argmax p equals it, which only matters when
   // argmax t is a masked token. Then argmax p == argmax t exactly when p holds
   // its maximum there and nowhere before (no candidate in p means argmax 0).
-  const ArgmaxState<Acc> target{t_best[0], FirstIndexOf(y_true, num_classes, t_best[0], lowest)};
+  const ArgmaxState<Acc> target{t_best[0],
+                                FirstIndexOf(target_at, num_classes, t_best[0], lowest)};
   const int64_t t_index = target.Result();
   bool prediction_equal = false;
   if (tokens.Contains(t_index)) {
     prediction_equal =
         Improves(p_best[0], lowest)
-            ? static_cast<Acc>(y_pred[t_index]) == p_best[0] &&
-                  FirstIndexOf(y_pred, t_index, p_best[0], lowest) == kNoIndex
+            ? prediction_at(t_index) == p_best[0] &&
+                  FirstIndexOf(prediction_at, t_index, p_best[0], lowest) == kNoIndex
             : t_index == 0;
   }
   return {Acc(KeepFactorFor(t_index, prediction_equal, tokens)), sum[0]};
 }
 
-template <typename T>
-inline T ComputeRowLoss(const T* y_true, const T* y_pred, int64_t num_classes,
+template <typename T, typename TargetRow>
+inline T ComputeRowLoss(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
                         const MaskedTokenSet& tokens) {
   const auto row = ScanRow(y_true, y_pred, num_classes, tokens);
   return static_cast<T>(MaskedMean(row.keep, row.abs_diff_sum, num_classes));
@@ -305,14 +336,15 @@ inline T ComputeRowLoss(const T* y_true, const T* y_pred, int64_t num_classes,
 
 // Writes d loss / d y_pred for one row. Scans the row once for the argmaxes
 // (the keep factor needs the whole row), then writes every element.
-template <typename T>
-inline void ComputeRowGradient(const T* y_true, const T* y_pred, int64_t num_classes,
+template <typename T, typename TargetRow>
+inline void ComputeRowGradient(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
                                const MaskedTokenSet& tokens, T upstream, T* grad_y_pred) {
   using Acc = typename AccumulatorOf<T>::type;
   const Acc keep = ScanRow(y_true, y_pred, num_classes, tokens).keep;
   const Acc scale = RowGradientScale(upstream, keep, num_classes);
   for (int64_t i = 0; i < num_classes; ++i) {
-    grad_y_pred[i] = ElementGradient(scale, y_true[i], y_pred[i]);
+    grad_y_pred[i] = ElementGradient<T>(scale, y_true.template At<Acc>(i),
+                                        static_cast<Acc>(y_pred[i]));
   }
 }
 

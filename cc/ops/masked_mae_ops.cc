@@ -16,8 +16,31 @@ using ::tensorflow::shape_inference::ShapeHandle;
 
 namespace {
 
-// y_true and y_pred: rank >= 1, the same shape, a positive last dimension, and
-// masked token ids below it. Sets *merged to their common shape.
+// A positive number of classes (the last dimension) and masked token ids
+// below it, when the number is known.
+Status ValidateClasses(InferenceContext* c, ShapeHandle y_pred) {
+  DimensionHandle classes = c->Dim(y_pred, -1);
+  if (!c->ValueKnown(classes)) return absl::OkStatus();
+  const int64_t num_classes = c->Value(classes);
+  if (num_classes == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the last dimension (classes) must be positive, got shape ", c->DebugString(y_pred)));
+  }
+  std::vector<int64_t> tokens;
+  TF_RETURN_IF_ERROR(c->GetAttr("masked_tokens", &tokens));
+  for (int64_t token : tokens) {
+    if (token < 0 || token >= num_classes) {
+      return absl::InvalidArgumentError(absl::StrCat("masked token id ", token,
+                                                     " is outside [0, ", num_classes,
+                                                     ") for inputs with ", num_classes,
+                                                     " classes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// y_true and y_pred: rank >= 1, the same shape, valid classes. Sets *merged to
+// their common shape.
 Status ValidatePair(InferenceContext* c, ShapeHandle y_true, ShapeHandle y_pred,
                     ShapeHandle* merged) {
   TF_RETURN_IF_ERROR(c->WithRankAtLeast(y_true, 1, &y_true));
@@ -27,22 +50,29 @@ Status ValidatePair(InferenceContext* c, ShapeHandle y_true, ShapeHandle y_pred,
         absl::StrCat("y_true and y_pred must have the same shape, got y_true ",
                      c->DebugString(y_true), " and y_pred ", c->DebugString(y_pred)));
   }
-  DimensionHandle classes = c->Dim(*merged, -1);
-  if (c->ValueKnown(classes)) {
-    const int64_t num_classes = c->Value(classes);
-    if (num_classes == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the last dimension (classes) must be positive, got shape ", c->DebugString(*merged)));
-    }
-    std::vector<int64_t> tokens;
-    TF_RETURN_IF_ERROR(c->GetAttr("masked_tokens", &tokens));
-    for (int64_t token : tokens) {
-      if (token < 0 || token >= num_classes) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("masked token id ", token, " is outside [0, ", num_classes,
-                         ") for inputs with ", num_classes, " classes"));
-      }
-    }
+  return ValidateClasses(c, *merged);
+}
+
+// y_true_ids: y_pred's shape without its last dimension. Sets *loss_shape.
+Status ValidateSparsePair(InferenceContext* c, ShapeHandle y_true_ids, ShapeHandle y_pred,
+                          ShapeHandle* loss_shape) {
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(y_pred, 1, &y_pred));
+  ShapeHandle prefix;
+  TF_RETURN_IF_ERROR(c->Subshape(y_pred, 0, -1, &prefix));
+  if (!c->Merge(y_true_ids, prefix, loss_shape).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "y_true_ids must have y_pred's shape without its last dimension, got y_true_ids ",
+        c->DebugString(y_true_ids), " and y_pred ", c->DebugString(y_pred)));
+  }
+  return ValidateClasses(c, y_pred);
+}
+
+Status CheckGradLossShape(InferenceContext* c, ShapeHandle grad_loss, ShapeHandle loss_shape) {
+  ShapeHandle unused;
+  if (!c->Merge(grad_loss, loss_shape, &unused).ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grad_loss must have the shape of the loss ", c->DebugString(loss_shape),
+        " (y_pred's shape without its last dimension), got ", c->DebugString(grad_loss)));
   }
   return absl::OkStatus();
 }
@@ -59,14 +89,25 @@ Status MaskedMaeShape(InferenceContext* c) {
 Status MaskedMaeGradShape(InferenceContext* c) {
   ShapeHandle merged;
   TF_RETURN_IF_ERROR(ValidatePair(c, c->input(0), c->input(1), &merged));
-  ShapeHandle loss_shape, unused;
+  ShapeHandle loss_shape;
   TF_RETURN_IF_ERROR(c->Subshape(merged, 0, -1, &loss_shape));
-  if (!c->Merge(c->input(2), loss_shape, &unused).ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "grad_loss must have the shape of the loss ", c->DebugString(loss_shape),
-        " (y_pred's shape without its last dimension), got ", c->DebugString(c->input(2))));
-  }
+  TF_RETURN_IF_ERROR(CheckGradLossShape(c, c->input(2), loss_shape));
   c->set_output(0, merged);
+  return absl::OkStatus();
+}
+
+Status SparseMaskedMaeShape(InferenceContext* c) {
+  ShapeHandle loss_shape;
+  TF_RETURN_IF_ERROR(ValidateSparsePair(c, c->input(0), c->input(1), &loss_shape));
+  c->set_output(0, loss_shape);
+  return absl::OkStatus();
+}
+
+Status SparseMaskedMaeGradShape(InferenceContext* c) {
+  ShapeHandle loss_shape;
+  TF_RETURN_IF_ERROR(ValidateSparsePair(c, c->input(0), c->input(1), &loss_shape));
+  TF_RETURN_IF_ERROR(CheckGradLossShape(c, c->input(2), loss_shape));
+  c->set_output(0, c->input(1));
   return absl::OkStatus();
 }
 
@@ -93,5 +134,28 @@ REGISTER_OP("FusedMaskedMae>MaskedMaeGrad")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("masked_tokens: list(int) = []")
     .SetShapeFn(MaskedMaeGradShape);
+
+// The sparse loss: y_true_ids [...] (int32/int64 class ids) stands for
+// one_hot(y_true_ids, C); same values and gradients as the dense op on it,
+// without building the one-hot tensor. Ids outside [0, C) are an
+// InvalidArgument error on CPU and give NaN on GPU.
+REGISTER_OP("FusedMaskedMae>SparseMaskedMae")
+    .Input("y_true_ids: Tidx")
+    .Input("y_pred: T")
+    .Output("loss: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tidx: {int32, int64} = DT_INT64")
+    .Attr("masked_tokens: list(int) = []")
+    .SetShapeFn(SparseMaskedMaeShape);
+
+REGISTER_OP("FusedMaskedMae>SparseMaskedMaeGrad")
+    .Input("y_true_ids: Tidx")
+    .Input("y_pred: T")
+    .Input("grad_loss: T")
+    .Output("grad_y_pred: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("Tidx: {int32, int64} = DT_INT64")
+    .Attr("masked_tokens: list(int) = []")
+    .SetShapeFn(SparseMaskedMaeGradShape);
 
 }  // namespace fused_masked_mae

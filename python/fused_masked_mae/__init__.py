@@ -13,10 +13,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MaskedMAE",
     "ReferenceMaskedMAE",
+    "SparseMaskedMAE",
     "masked_mae",
     "masked_mae_tokens",
     "reference_masked_mae",
     "reference_masked_mae_tokens",
+    "reference_sparse_masked_mae",
+    "sparse_masked_mae",
 ]
 
 if importlib.util.find_spec("tensorflow") is not None:
@@ -29,6 +32,11 @@ if importlib.util.find_spec("tensorflow") is not None:
         reference_masked_mae_tokens,
     )
     from fused_masked_mae.losses import MaskedMAE
+    from fused_masked_mae.sparse import (
+        SparseMaskedMAE,
+        reference_sparse_masked_mae,
+        sparse_masked_mae,
+    )
 else:
 
     def __getattr__(name):

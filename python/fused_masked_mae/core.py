@@ -15,14 +15,17 @@ import numpy as np
 
 from fused_masked_mae import _core
 
-_TYPESTR_DTYPES = {"<f2": "float16", "<f4": "float32", "<f8": "float64"}
-_SUPPORTED = ("float16", "bfloat16", "float32", "float64")
+_TYPESTR_DTYPES = {
+    "<f2": "float16", "<f4": "float32", "<f8": "float64", "<i4": "int32", "<i8": "int64",
+}
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+_IDS = ("int32", "int64")
 
 
 class _DeviceArray:
     """What the CUDA launchers need from a CuPy array or a PyTorch CUDA tensor."""
 
-    def __init__(self, array, name):
+    def __init__(self, array, name, allowed=_FLOATS):
         self.array = array
         self.name = name
         module = type(array).__module__.split(".")[0]
@@ -56,8 +59,8 @@ class _DeviceArray:
                 self._empty = lambda shape: cupy.empty(shape, dtype=array.dtype)
             else:
                 self._empty = None
-        if self.dtype not in _SUPPORTED:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {self.dtype}")
+        if self.dtype not in allowed:
+            raise TypeError(f"{name} must be one of {', '.join(allowed)}, got {self.dtype}")
         if not self.contiguous:
             raise ValueError(f"{name} must be C-contiguous")
 
@@ -86,15 +89,28 @@ def _require_cuda():
         raise RuntimeError("fused_masked_mae._core was built without CUDA (no nvcc at build time)")
 
 
-def _device_inputs(y_true, y_pred):
-    t, p = _DeviceArray(y_true, "y_true"), _DeviceArray(y_pred, "y_pred")
-    if t.shape != p.shape:
-        raise ValueError(
-            f"y_true and y_pred must have the same shape, got y_true {list(t.shape)} and "
-            f"y_pred {list(p.shape)}"
-        )
-    if t.dtype != p.dtype:
-        raise TypeError(f"y_true and y_pred must have the same dtype, got {t.dtype} and {p.dtype}")
+def _device_inputs(y_true, y_pred, sparse):
+    p = _DeviceArray(y_pred, "y_pred")
+    if not p.shape:
+        raise ValueError("y_pred must have rank >= 1 (a last axis of classes), got shape []")
+    if sparse:
+        t = _DeviceArray(y_true, "y_true_ids", allowed=_IDS)
+        if t.shape != p.shape[:-1]:
+            raise ValueError(
+                f"y_true_ids must have y_pred's shape without its last axis, got y_true_ids "
+                f"{list(t.shape)} and y_pred {list(p.shape)}"
+            )
+    else:
+        t = _DeviceArray(y_true, "y_true")
+        if t.shape != p.shape:
+            raise ValueError(
+                f"y_true and y_pred must have the same shape, got y_true {list(t.shape)} and "
+                f"y_pred {list(p.shape)}"
+            )
+        if t.dtype != p.dtype:
+            raise TypeError(
+                f"y_true and y_pred must have the same dtype, got {t.dtype} and {p.dtype}"
+            )
     if t.device != p.device:
         raise ValueError(f"y_true and y_pred are on different devices: {t.device} and {p.device}")
     return t, p
@@ -111,29 +127,32 @@ def _device_output(like, out, shape, name):
     return out, o
 
 
-def forward(y_true, y_pred, masked_tokens=(), out=None):
-    """Per-position loss `[...]` of inputs `[..., C]` (see fused_masked_mae.masked_mae)."""
+def forward(y_true, y_pred, masked_tokens=(), out=None, sparse=False):
+    """Per-position loss `[...]` of inputs `[..., C]` (see fused_masked_mae.masked_mae).
+
+    With sparse=True, y_true holds int32/int64 class ids `[...]` (see
+    sparse_masked_mae); on the GPU an id outside [0, C) gives NaN.
+    """
     tokens = [int(t) for t in masked_tokens]
     if not _is_device_array(y_pred):
-        return _core.forward(np.asarray(y_true), np.asarray(y_pred), tokens)
+        return _core.forward(np.asarray(y_true), np.asarray(y_pred), tokens, sparse)
     _require_cuda()
-    t, p = _device_inputs(y_true, y_pred)
-    if not p.shape:
-        raise ValueError("inputs must have rank >= 1 (a last axis of classes), got shape []")
+    t, p = _device_inputs(y_true, y_pred, sparse)
     out, o = _device_output(p, out, p.shape[:-1], "loss")
-    _core.cuda_forward(t.ptr, p.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream)
+    _core.cuda_forward(t.ptr, p.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream,
+                       t.dtype if sparse else "")
     return out
 
 
-def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None):
+def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None, sparse=False):
     """d loss / d y_pred, shape `[..., C]`, for an upstream gradient `grad_loss` `[...]`."""
     tokens = [int(t) for t in masked_tokens]
     if not _is_device_array(y_pred):
-        return _core.gradient(np.asarray(y_true), np.asarray(y_pred), np.asarray(grad_loss), tokens)
+        return _core.gradient(
+            np.asarray(y_true), np.asarray(y_pred), np.asarray(grad_loss), tokens, sparse
+        )
     _require_cuda()
-    t, p = _device_inputs(y_true, y_pred)
-    if not p.shape:
-        raise ValueError("inputs must have rank >= 1 (a last axis of classes), got shape []")
+    t, p = _device_inputs(y_true, y_pred, sparse)
     g = _DeviceArray(grad_loss, "grad_loss")
     if g.shape != p.shape[:-1] or g.dtype != p.dtype or g.device != p.device:
         raise ValueError(
@@ -141,5 +160,6 @@ def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None):
             f"got {g.dtype} {list(g.shape)} on {g.device}"
         )
     out, o = _device_output(p, out, p.shape, "grad_y_pred")
-    _core.cuda_gradient(t.ptr, p.ptr, g.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream)
+    _core.cuda_gradient(t.ptr, p.ptr, g.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream,
+                        t.dtype if sparse else "")
     return out

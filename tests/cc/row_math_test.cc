@@ -111,7 +111,7 @@ void CheckRows(const char* name, double lowest) {
         if (token_case == 1) tokens = {1, {t_arg}};
         if (token_case == 2) tokens = {2, {0, c - 1}};
         const bool masked = t_arg == p_arg && tokens.Contains(t_arg);
-        const auto host = ScanRow(t.data(), p.data(), c, tokens);
+        const auto host = ScanRow(DenseRow(t.data()), p.data(), c, tokens);
         EXPECT(host.keep == (masked ? 0 : 1), "%s host keep C=%ld t=%ld p=%ld", name, (long)c,
                (long)t_arg, (long)p_arg);
         for (int group : {1, 2, 4, 8, 16, 32, 64, 256}) {
@@ -141,15 +141,15 @@ void CheckGradient() {
   const std::vector<float> p = {0.25f, 0.25f, 0.f, 0.5f, 1.f};
   std::vector<float> grad(5);
   MaskedTokenSet none{};
-  ComputeRowGradient(t.data(), p.data(), 5, none, 2.0f, grad.data());
+  ComputeRowGradient(DenseRow(t.data()), p.data(), 5, none, 2.0f, grad.data());
   const float expect[] = {0.4f, -0.4f, 0.f, 0.f, NAN};
   for (int i = 0; i < 4; ++i) EXPECT(grad[i] == expect[i], "grad[%d]=%g", i, grad[i]);
   EXPECT(std::isnan(grad[4]), "grad[4]=%g", grad[4]);
   MaskedTokenSet one{1, {1}};
-  ComputeRowGradient(t.data(), p.data(), 5, one, 2.0f, grad.data());  // argmax t=1, p=4: kept
+  ComputeRowGradient(DenseRow(t.data()), p.data(), 5, one, 2.0f, grad.data());  // argmax t=1, p=4: kept
   EXPECT(grad[0] == 0.4f, "kept row grad %g", grad[0]);
   const std::vector<float> t2 = {0.f, 1.f}, p2 = {0.f, 0.75f};
-  ComputeRowGradient(t2.data(), p2.data(), 2, one, 2.0f, grad.data());  // masked
+  ComputeRowGradient(DenseRow(t2.data()), p2.data(), 2, one, 2.0f, grad.data());  // masked
   EXPECT(grad[0] == 0.f && grad[1] == 0.f && std::signbit(grad[1]), "masked grad %g %g", grad[0],
          grad[1]);
 }

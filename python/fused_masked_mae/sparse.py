@@ -1,0 +1,113 @@
+"""The sparse variant: integer class ids `[...]` instead of one-hot targets `[..., C]`.
+
+`sparse_masked_mae(ids, y_pred, ...)` equals `masked_mae(one_hot(ids, C), y_pred, ...)`
+in value and gradient, reading y_pred once and never building the one-hot
+tensor (as Keras' sparse cross-entropy does for cross-entropy).
+"""
+
+import keras
+import tensorflow as tf
+
+from fused_masked_mae._loader import ops_library
+from fused_masked_mae.ops import _FLOAT_DTYPES, masked_token_list
+from fused_masked_mae.reference import reference_masked_mae_tokens
+
+_ID_DTYPES = (tf.int32, tf.int64)
+
+
+def _check_inputs(y_true_ids, y_pred):
+    y_pred = tf.convert_to_tensor(y_pred)
+    if y_pred.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"y_pred must be float16, bfloat16, float32 or float64, got {y_pred.dtype.name}"
+        )
+    y_true_ids = tf.convert_to_tensor(y_true_ids)
+    if y_true_ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"y_true_ids must be int32 or int64 class ids, got {y_true_ids.dtype.name}")
+    return y_true_ids, y_pred
+
+
+def sparse_masked_mae_tokens(y_true_ids, y_pred, tokens):
+    """The fused sparse loss for a list of masked token ids."""
+    y_true_ids, y_pred = _check_inputs(y_true_ids, y_pred)
+    return ops_library.fused_masked_mae_sparse_masked_mae(
+        y_true_ids=y_true_ids, y_pred=y_pred, masked_tokens=masked_token_list(None, None, tokens)
+    )
+
+
+def sparse_masked_mae(y_true_ids, y_pred, start_token=None, end_token=None, tokens=()):
+    """Fused masked MAE for class-id targets.
+
+    Args:
+      y_true_ids: int32/int64 class ids, shape `[...]`, each in `[0, C)` (on
+        CPU an id outside raises InvalidArgumentError; on GPU it gives NaN, as
+        TensorFlow's sparse cross-entropy does).
+      y_pred: predictions `[..., C]` (float16, bfloat16, float32, float64).
+      start_token, end_token, tokens: masked class ids (see `masked_mae`).
+
+    Returns:
+      The per-position loss `[...]`, equal to `masked_mae(one_hot(ids), y_pred, ...)`.
+    """
+    return sparse_masked_mae_tokens(
+        y_true_ids, y_pred, masked_token_list(start_token, end_token, tokens)
+    )
+
+
+def reference_sparse_masked_mae(y_true_ids, y_pred, start_token=None, end_token=None, tokens=()):
+    """The composite reference on one_hot(ids): the parity oracle for the sparse op."""
+    y_pred = tf.convert_to_tensor(y_pred)
+    one_hot = tf.one_hot(y_true_ids, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+    return reference_masked_mae_tokens(
+        one_hot, y_pred, masked_token_list(start_token, end_token, tokens)
+    )
+
+
+@tf.RegisterGradient("FusedMaskedMae>SparseMaskedMae")
+def _sparse_masked_mae_grad(op, grad_loss):
+    y_true_ids, y_pred = op.inputs
+    grad_y_pred = ops_library.fused_masked_mae_sparse_masked_mae_grad(
+        y_true_ids=y_true_ids,
+        y_pred=y_pred,
+        grad_loss=grad_loss,
+        masked_tokens=op.get_attr("masked_tokens"),
+    )
+    return None, grad_y_pred  # no gradient for integer ids
+
+
+@keras.saving.register_keras_serializable(package="fused_masked_mae")
+class SparseMaskedMAE(keras.losses.Loss):
+    """MaskedMAE for integer class-id targets `[...]` (like Keras'
+    SparseCategoricalCrossentropy next to CategoricalCrossentropy).
+
+    y_true may arrive as a float tensor (Keras casts targets to the loss dtype)
+    or with a trailing axis of size 1; it is cast to int32 ids.
+    """
+
+    def __init__(
+        self,
+        start_token=None,
+        end_token=None,
+        tokens=(),
+        reduction="sum_over_batch_size",
+        name="sparse_masked_mae",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self._tokens = masked_token_list(start_token, end_token, tokens)
+        self.start_token = start_token
+        self.end_token = end_token
+        self.tokens = tuple(tokens)
+
+    def call(self, y_true, y_pred):
+        y_pred = tf.convert_to_tensor(y_pred)
+        y_true = tf.convert_to_tensor(y_true)
+        if y_true.shape.rank is not None and y_true.shape.rank == y_pred.shape.rank:
+            y_true = tf.squeeze(y_true, axis=-1)  # [..., 1] ids, as Keras allows
+        return sparse_masked_mae_tokens(tf.cast(y_true, tf.int32), y_pred, self._tokens)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            start_token=self.start_token, end_token=self.end_token, tokens=list(self.tokens)
+        )
+        return config
