@@ -7,10 +7,15 @@
 #   ./build.sh demo       ... then run the seq2seq demo (examples/), quick mode
 #   ./build.sh test       ... then run the whole test suite
 #   ./build.sh bench      ... then run the benchmarks (benchmarks/)
+#   ./build.sh sanitize   ... then build CPU-only ASan+UBSan libraries into
+#                         build/sanitize/ and run the op tests, the raw-op fuzzer
+#                         and a planted-bug self-check under them
 #
 # Environment: VENV (default .venv), PYTHON (default python3), NVCC or CUDA_HOME
-# (default /usr/local/cuda; no nvcc means a CPU-only build), JOBS (parallel
-# compiles, default: number of cores), CXXFLAGS_EXTRA (appended to host flags).
+# (default /usr/local/cuda; no nvcc means a CPU-only build; NO_CUDA=1 forces
+# one), JOBS (parallel compiles, default: number of cores), CXXFLAGS_EXTRA
+# (appended to host compile and link flags; TF_CXXFLAGS_EXTRA replaces it for
+# the TensorFlow translation units), FUZZ_CASES (sanitize mode).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -67,7 +72,9 @@ compile() {
 }
 
 find_nvcc() {
-  if [[ -n "${NVCC:-}" ]]; then
+  if [[ -n "${NO_CUDA:-}" ]]; then
+    return 0
+  elif [[ -n "${NVCC:-}" ]]; then
     echo "$NVCC"
   elif [[ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]; then
     echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
@@ -94,7 +101,10 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   tf_version="$(sed -n 3p <<<"$tf_info")"
   ext_suffix="$(sed -n 4p <<<"$tf_info")"
 
-  local host_flags=(-O3 -fPIC -I"$ROOT" -Wall -Wno-sign-compare -DNDEBUG ${CXXFLAGS_EXTRA:-})
+  local host_flags=(-O3 -fPIC -I"$ROOT" -Wall -Wno-sign-compare -DNDEBUG)
+  # Extra flags: CXXFLAGS_EXTRA everywhere, unless TF_CXXFLAGS_EXTRA overrides
+  # them for the TensorFlow translation units (see sanitize_suite).
+  local core_extra=(${CXXFLAGS_EXTRA:-}) tf_extra=(${TF_CXXFLAGS_EXTRA-${CXXFLAGS_EXTRA:-}})
   local tf_flags=($tf_cflags -Wno-deprecated-declarations -Wno-interference-size)
   local cuda_defs=() cuda_objs=() cuda_libs=()
 
@@ -114,6 +124,8 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
     # before TensorFlow's library, which exports CUDA 12.5 runtime entry points
     # of its own. See README, "CUDA runtime".
     cuda_libs=(-L"$cuda_home/lib64" -l:libcudart_static.a -ldl -lrt -lpthread)
+  elif [[ -n "${NO_CUDA:-}" ]]; then
+    log "NO_CUDA set: building CPU-only"
   else
     log "nvcc not found (set NVCC or CUDA_HOME): building CPU-only"
   fi
@@ -122,24 +134,24 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   local op_objs=() pids=()
   for src in "${OP_LIBRARY_SOURCES[@]}"; do
     local obj="$BUILD_DIR/$(basename "${src%.cc}").o"
-    compile "$obj" "$ROOT/$src" g++ "${host_flags[@]}" "${tf_flags[@]}" "${cuda_defs[@]}" \
-      -c "$ROOT/$src" -o "$obj" &
+    compile "$obj" "$ROOT/$src" g++ "${host_flags[@]}" "${tf_extra[@]}" "${tf_flags[@]}" \
+      "${cuda_defs[@]}" -c "$ROOT/$src" -o "$obj" &
     pids+=($!)
     op_objs+=("$obj")
     if [[ "$JOBS" -le 1 ]]; then wait "${pids[@]}"; pids=(); fi
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # each wait fails the script if its compile did
   local core_obj="$BUILD_DIR/core_module.o"
-  compile "$core_obj" "$ROOT/$CORE_SOURCE" g++ "${host_flags[@]}" -std=c++17 \
+  compile "$core_obj" "$ROOT/$CORE_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
     -fvisibility=hidden $("$py" -m pybind11 --includes) "${cuda_defs[@]}" \
     -c "$ROOT/$CORE_SOURCE" -o "$core_obj"
 
   # Link to a temporary name, then rename: a process loading the package
   # meanwhile sees the old or the new library, never half of one.
   log "linking _masked_mae_ops.so (TensorFlow $tf_version) and _core (CUDA: $cuda_enabled)"
-  g++ -shared -o "$BUILD_DIR/_masked_mae_ops.so" "${op_objs[@]}" "${cuda_objs[@]}" \
+  g++ -shared "${tf_extra[@]}" -o "$BUILD_DIR/_masked_mae_ops.so" "${op_objs[@]}" "${cuda_objs[@]}" \
     "${cuda_libs[@]}" $tf_lflags -Wl,--exclude-libs,ALL -Wl,--no-undefined
-  g++ -shared -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "${cuda_objs[@]}" "${cuda_libs[@]}" \
+  g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "${cuda_objs[@]}" "${cuda_libs[@]}" \
     -Wl,--exclude-libs,ALL
   rm -f "$PKG_DIR"/_core.*.so
   mv -f "$BUILD_DIR/_masked_mae_ops.so" "$PKG_DIR/_masked_mae_ops.so"
@@ -165,6 +177,60 @@ install_wheel() {
   "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "$ROOT"/dist/*.whl
 }
 
+# --- 4. Sanitizers ----------------------------------------------------------
+# A CPU-only ASan+UBSan build of both libraries in its own package directory,
+# run with the sanitizer runtimes preloaded into Python (TensorFlow itself is
+# not instrumented, so leak detection is off).
+sanitize_suite() {
+  local dir="$ROOT/build/sanitize"
+  local pkg="$dir/pkg/fused_masked_mae"
+  mkdir -p "$pkg"
+  cp "$ROOT"/python/fused_masked_mae/*.py "$pkg/"
+  # g++ 12 with any UBSan check rejects a constexpr in TensorFlow's abseil
+  # headers, so the TensorFlow glue gets ASan only; the row math gets UBSan
+  # through _core (and tests/cc/row_math_test.cc), which shares it.
+  local sanitize_flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+  local sanitize_tf_flags="-fsanitize=address -fno-omit-frame-pointer -g"
+  BUILD_DIR="$dir" PKG_DIR="$pkg" NO_CUDA=1 CXXFLAGS_EXTRA="$sanitize_flags" \
+    TF_CXXFLAGS_EXTRA="$sanitize_tf_flags" build_libraries
+  local preload
+  preload="$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=libubsan.so)"
+  local env=(env PYTHONPATH="$dir/pkg" LD_PRELOAD="$preload"
+    ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:new_delete_type_mismatch=0:abort_on_error=1"
+    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" TF_CPP_MIN_LOG_LEVEL=2)
+  log "sanitized test suite"
+  (cd "$dir" && "${env[@]}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+    "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_op_gradients.py" \
+    "$ROOT/tests/test_op_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py")
+  log "raw-op fuzzer (${FUZZ_CASES:-2000} cases)"
+  (cd "$dir" && "${env[@]}" "$VENV/bin/python" "$ROOT/tests/fuzz_raw_ops.py" --cases "${FUZZ_CASES:-2000}")
+  log "planted-bug self-check: a test-only build that reads past y_pred must be reported"
+  local planted="$dir/planted"
+  mkdir -p "$planted/pkg/fused_masked_mae"
+  cp "$pkg"/*.py "$planted/pkg/fused_masked_mae/"
+  BUILD_DIR="$planted" PKG_DIR="$planted/pkg/fused_masked_mae" NO_CUDA=1 \
+    CXXFLAGS_EXTRA="$sanitize_flags" \
+    TF_CXXFLAGS_EXTRA="$sanitize_tf_flags -DFUSED_MASKED_MAE_PLANT_OOB_READ_FOR_SANITIZER_TEST" \
+    build_libraries
+  local report="$planted/report.txt"
+  if (cd "$planted" && env PYTHONPATH="$planted/pkg" LD_PRELOAD="$preload" \
+    ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:new_delete_type_mismatch=0" \
+    TF_CPP_MIN_LOG_LEVEL=2 "$VENV/bin/python" -c '
+import numpy as np, fused_masked_mae as fm
+fm.masked_mae(np.zeros((4, 5), np.float32), np.zeros((4, 5), np.float32), 0, 1).numpy()
+print("planted read went unreported")') >"$report" 2>&1; then
+    cat "$report"
+    echo "sanitize: FAILED: the planted out-of-bounds read was not reported" >&2
+    return 1
+  fi
+  grep -q "heap-buffer-overflow\|stack-buffer-overflow\|global-buffer-overflow" "$report" || {
+    cat "$report"
+    echo "sanitize: FAILED: the planted read did not produce an AddressSanitizer report" >&2
+    return 1
+  }
+  log "planted out-of-bounds read reported: $(grep -m1 -o 'ERROR: AddressSanitizer: [a-z-]*' "$report")"
+}
+
 setup_venv
 build_libraries
 build_wheel
@@ -175,8 +241,9 @@ case "$MODE" in
   demo) (cd /tmp && "$VENV/bin/python" "$ROOT/examples/seq2seq_demo.py" "$@") ;;
   test) "$VENV/bin/python" -m pytest "$ROOT/tests" "$@" ;;
   bench) "$VENV/bin/python" "$ROOT/benchmarks/bench_masked_mae.py" "$@" ;;
+  sanitize) sanitize_suite ;;
   *)
-    echo "usage: $0 [build|demo|test|bench] [args...]" >&2
+    echo "usage: $0 [build|demo|test|bench|sanitize] [args...]" >&2
     exit 2
     ;;
 esac

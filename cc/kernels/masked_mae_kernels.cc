@@ -96,6 +96,12 @@ struct MaskedMaeFunctor<CPUDevice, T, TargetT> {
                           T* loss) {
     const auto* p = AsHost(y_pred);
     auto* out = AsHost(loss);
+#ifdef FUSED_MASKED_MAE_PLANT_OOB_READ_FOR_SANITIZER_TEST
+    // Test-only bug for `./build.sh sanitize`'s self-check: one element past
+    // y_pred. Never defined in a real build.
+    out[0] = static_cast<typename HostTypeOf<T>::type>(
+        static_cast<float>(p[rows * num_classes]));
+#endif
     ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
       out[row] = ComputeRowLoss(TargetRowAt<T>(y_true, row, num_classes), p + row * num_classes,
                                 num_classes, tokens);

@@ -1,0 +1,109 @@
+"""A fuzzer of the raw ops (forward, gradient, sparse) and of _core, run under
+the sanitizers by `./build.sh sanitize`.
+
+Each case draws shapes (zero-sized dimensions, mismatches, rank 0), dtypes
+(valid and not), token lists (in range, negative, >= C, too many), sparse ids
+(in and out of range) and values (ties, NaN, +-inf, -0.0), calls the op, and
+accepts either a result of the right shape or a Python exception of an
+expected type. Anything else (a crash, a sanitizer report) ends the process
+with a non-zero status. Deterministic for a given --seed.
+"""
+
+import argparse
+import sys
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from fused_masked_mae import _core
+from fused_masked_mae._loader import ops_library
+
+EXPECTED_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
+VALUES = np.array([0.0, -0.0, 1.0, 1.0, 0.5, -2.0, np.nan, np.inf, -np.inf, 3.0e38])
+FLOATS = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
+
+
+def draw_shape(rng):
+    rank = 0 if rng.random() < 0.05 else int(rng.integers(1, 5))
+    return [int(rng.choice([0, 1, 2, 3, 5, 17, 64])) for _ in range(rank)]
+
+
+def draw_tensor(rng, shape, dtype):
+    if dtype in (tf.int32, tf.int64):
+        return tf.constant(rng.integers(-2, 70, size=shape), dtype)
+    return tf.constant(rng.choice(VALUES, size=shape), dtype)
+
+
+def one_case(rng):
+    shape = draw_shape(rng)
+    other = shape if rng.random() < 0.8 else draw_shape(rng)
+    dtype = FLOATS[rng.integers(len(FLOATS))] if rng.random() < 0.95 else tf.int32
+    classes = shape[-1] if shape and shape[-1] > 0 else 1
+    high = classes if rng.random() < 0.85 else 70  # mostly valid ids
+    low = 0 if rng.random() < 0.95 else -1
+    tokens = [int(t) for t in rng.integers(low, high, size=int(rng.integers(0, 4)))]
+    if rng.random() < 0.02:
+        tokens = list(range(300))  # over the 256-token limit
+    kind = rng.choice(["forward", "grad", "sparse", "sparse_grad", "core", "core_grad"])
+    y_pred = draw_tensor(rng, shape, dtype)
+    loss_shape = shape[:-1] if shape else []
+    grad_shape = loss_shape if rng.random() < 0.8 else draw_shape(rng)
+    grad_loss = draw_tensor(rng, grad_shape, dtype)
+    try:
+        if kind in ("forward", "grad", "core", "core_grad"):
+            y_true = draw_tensor(rng, other, dtype)
+            if kind == "forward":
+                out = ops_library.fused_masked_mae_masked_mae(
+                    y_true=y_true, y_pred=y_pred, masked_tokens=tokens)
+                assert out.shape == loss_shape, (out.shape, loss_shape)
+            elif kind == "grad":
+                out = ops_library.fused_masked_mae_masked_mae_grad(
+                    y_true=y_true, y_pred=y_pred, grad_loss=grad_loss, masked_tokens=tokens)
+                assert out.shape == shape
+            else:
+                if kind == "core":
+                    out = _core.forward(y_true.numpy(), y_pred.numpy(), tokens)
+                    assert list(out.shape) == loss_shape
+                else:
+                    out = _core.gradient(y_true.numpy(), y_pred.numpy(), grad_loss.numpy(), tokens)
+                    assert list(out.shape) == shape
+        else:
+            id_dtype = tf.int32 if rng.random() < 0.5 else tf.int64
+            ids_shape = loss_shape if rng.random() < 0.85 else draw_shape(rng)
+            ids = draw_tensor(rng, ids_shape, id_dtype)
+            if shape and shape[-1] > 0 and rng.random() < 0.7:  # mostly valid ids
+                ids = tf.constant(rng.integers(0, shape[-1], size=ids_shape), id_dtype)
+            if kind == "sparse":
+                out = ops_library.fused_masked_mae_sparse_masked_mae(
+                    y_true_ids=ids, y_pred=y_pred, masked_tokens=tokens)
+                assert out.shape == loss_shape
+            else:
+                out = ops_library.fused_masked_mae_sparse_masked_mae_grad(
+                    y_true_ids=ids, y_pred=y_pred, grad_loss=grad_loss, masked_tokens=tokens)
+                assert out.shape == shape
+        return "ok"
+    except EXPECTED_ERRORS:
+        return "rejected"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore", RuntimeWarning)  # 3e38 cast to float16 overflows: meant
+    rng = np.random.default_rng(args.seed)
+    counts = {"ok": 0, "rejected": 0}
+    for _ in range(args.cases):
+        counts[one_case(rng)] += 1
+    print(f"fuzz_raw_ops: {args.cases} cases, {counts['ok']} computed, "
+          f"{counts['rejected']} rejected with an expected exception")
+    if counts["ok"] == 0 or counts["rejected"] == 0:
+        print("fuzz_raw_ops: the case mix is degenerate", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
