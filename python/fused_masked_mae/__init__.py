@@ -11,10 +11,13 @@ import importlib.util
 
 __version__ = "0.1.0"
 __all__ = [
+    "MAX_MASKED_TOKENS",
     "MaskedMAE",
     "ReferenceMaskedMAE",
     "SparseMaskedMAE",
+    "in_xla_context",
     "masked_mae",
+    "masked_mae_loss_fn",
     "masked_mae_tokens",
     "reference_masked_mae",
     "reference_masked_mae_tokens",
@@ -25,18 +28,33 @@ __all__ = [
 if importlib.util.find_spec("tensorflow") is not None:
     # Importing these loads the op library and registers the Keras loss for
     # deserialization, so `import fused_masked_mae` is all a saved model needs.
-    from fused_masked_mae.ops import masked_mae, masked_mae_tokens
+    from fused_masked_mae.ops import (
+        MAX_MASKED_TOKENS,
+        in_xla_context,
+        masked_mae,
+        masked_mae_tokens,
+    )
     from fused_masked_mae.reference import (
         ReferenceMaskedMAE,
         reference_masked_mae,
         reference_masked_mae_tokens,
     )
-    from fused_masked_mae.losses import MaskedMAE
+    from fused_masked_mae.losses import MaskedMAE, masked_mae_loss_fn
     from fused_masked_mae.sparse import (
         SparseMaskedMAE,
         reference_sparse_masked_mae,
         sparse_masked_mae,
     )
+
+    def __getattr__(name):
+        # Keras 2 users: fused_masked_mae.TfKerasMaskedMAE imports tf_keras on
+        # first access only (see losses.py).
+        if name == "TfKerasMaskedMAE":
+            from fused_masked_mae import losses
+
+            return losses.TfKerasMaskedMAE
+        raise AttributeError(f"module 'fused_masked_mae' has no attribute {name!r}")
+
 else:
 
     def __getattr__(name):

@@ -1,4 +1,14 @@
-"""Keras loss classes around the fused op."""
+"""Keras loss classes around the fused op.
+
+- `MaskedMAE`: a Keras 3 `keras.losses.Loss`.
+- `masked_mae_loss_fn(...)`: a plain `loss(y_true, y_pred)` function, usable
+  as the loss of a Keras 3 model and of a Keras 2 (`tf_keras`) model.
+- `TfKerasMaskedMAE`: the same loss as a `tf_keras.losses.Loss`, for
+  `TF_USE_LEGACY_KERAS=1` / `tf_keras` users. It is created on first access,
+  so `import fused_masked_mae` never imports tf_keras.
+"""
+
+import functools
 
 import keras
 import tensorflow as tf
@@ -6,42 +16,120 @@ import tensorflow as tf
 from fused_masked_mae.ops import masked_mae_tokens, masked_token_list
 
 
+def _per_position_loss(y_true, y_pred, tokens):
+    y_pred = tf.convert_to_tensor(y_pred)
+    y_true = tf.cast(y_true, y_pred.dtype)
+    return masked_mae_tokens(y_true, y_pred, tokens)
+
+
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
 class MaskedMAE(keras.losses.Loss):
     """Masked mean absolute error for one-hot (or soft) targets `[..., C]`.
 
     A position whose target argmax equals its prediction argmax and is the
-    start or the end token costs nothing; every other position costs
-    `mean(|y_pred - y_true|)` over the classes. Computed by one fused op (and
-    one fused gradient op) instead of about ten TensorFlow ops.
+    start token, the end token or one of `tokens` costs nothing; every other
+    position costs `mean(|y_pred - y_true|)` over the classes. Computed by one
+    fused op (and one fused gradient op) instead of about ten TensorFlow ops;
+    inside XLA compilation (`jit_compile=True`) by the composite of plain ops.
 
     Args:
       start_token, end_token: class ids in `[0, C)`, or None to not mask it.
       reduction: any Keras reduction ("sum_over_batch_size", "sum", "mean",
         "mean_with_sample_weight", "none" or None).
       name: the loss name.
-      dtype: the dtype the loss is computed in (Keras' default: floatx).
+      dtype: the dtype the loss is computed in (Keras' default: floatx, also
+        under a mixed-precision policy).
+      tokens: more masked class ids (padding, separators, ...); at most 256
+        distinct ids in all.
     """
 
     def __init__(
         self,
-        start_token,
-        end_token,
+        start_token=None,
+        end_token=None,
         reduction="sum_over_batch_size",
         name="masked_mae",
         dtype=None,
+        tokens=(),
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._tokens = masked_token_list(start_token, end_token)
+        self._tokens = masked_token_list(start_token, end_token, tokens)
+        self.tokens = tuple(tokens)
         self.start_token = start_token
         self.end_token = end_token
 
     def call(self, y_true, y_pred):
-        y_pred = tf.convert_to_tensor(y_pred)
-        y_true = tf.cast(y_true, y_pred.dtype)
-        return masked_mae_tokens(y_true, y_pred, self._tokens)
+        return _per_position_loss(y_true, y_pred, self._tokens)
 
     def get_config(self):
         config = super().get_config()
-        config.update(start_token=self.start_token, end_token=self.end_token)
+        config.update(
+            start_token=self.start_token, end_token=self.end_token, tokens=list(self.tokens)
+        )
         return config
+
+
+def masked_mae_loss_fn(start_token=None, end_token=None, tokens=()):
+    """The masked MAE as a plain loss function `loss(y_true, y_pred)`.
+
+    It returns the per-position loss `[...]` (Keras reduces it, with
+    `sample_weight`), like the seed's `mean_absolute_error(y_true, y_pred)`,
+    so it works as `model.compile(loss=...)` in Keras 3 and in Keras 2
+    (`tf_keras`) alike. Saving a model with it needs
+    `custom_objects={"masked_mae": fn}` at load time; prefer `MaskedMAE` /
+    `TfKerasMaskedMAE`, which serialize their token ids.
+    """
+    ids = masked_token_list(start_token, end_token, tokens)
+
+    def masked_mae(y_true, y_pred):
+        return _per_position_loss(y_true, y_pred, ids)
+
+    return masked_mae
+
+
+@functools.cache
+def _tf_keras_masked_mae_class():
+    import tf_keras  # only here: tf_keras is an optional dependency
+
+    @tf_keras.saving.register_keras_serializable(package="fused_masked_mae")
+    class TfKerasMaskedMAE(tf_keras.losses.Loss):
+        """`MaskedMAE` for Keras 2 (`tf_keras`, or `tf.keras` under
+        `TF_USE_LEGACY_KERAS=1`): a `tf_keras.losses.Loss` with tf_keras'
+        reductions and `sample_weight` handling. The loss is computed in
+        y_pred's dtype (tf_keras losses have no dtype argument)."""
+
+        def __init__(
+            self,
+            start_token=None,
+            end_token=None,
+            reduction=tf_keras.losses.Reduction.AUTO,
+            name="masked_mae",
+            tokens=(),
+        ):
+            super().__init__(reduction=reduction, name=name)
+            self._tokens = masked_token_list(start_token, end_token, tokens)
+            self.tokens = tuple(tokens)
+            self.start_token = start_token
+            self.end_token = end_token
+
+        def call(self, y_true, y_pred):
+            return _per_position_loss(y_true, y_pred, self._tokens)
+
+        def get_config(self):
+            config = super().get_config()
+            config.update(
+                start_token=self.start_token, end_token=self.end_token, tokens=list(self.tokens)
+            )
+            return config
+
+    TfKerasMaskedMAE.__module__ = __name__
+    TfKerasMaskedMAE.__qualname__ = "TfKerasMaskedMAE"
+    return TfKerasMaskedMAE
+
+
+def __getattr__(name):
+    # PEP 562: `fused_masked_mae.losses.TfKerasMaskedMAE` imports tf_keras on
+    # first access only.
+    if name == "TfKerasMaskedMAE":
+        return _tf_keras_masked_mae_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,38 @@
-"""The fused op, its Python signature, and its registered gradient."""
+"""The fused op, its Python signature, and its registered gradient.
+
+Inside XLA compilation (`tf.function(jit_compile=True)`, Keras'
+`compile(jit_compile=True)` or its GPU default `jit_compile="auto"`, TPU
+rewrites) the op has no XLA kernel, so `masked_mae_tokens` builds the
+composite of plain TensorFlow ops instead (`reference_masked_mae_tokens`),
+which XLA compiles and differentiates. See `in_xla_context`.
+"""
 
 import operator
 
 import tensorflow as tf
 
+from fused_masked_mae import reference as _reference
 from fused_masked_mae._loader import ops_library
 
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
+# The op's capacity for distinct masked ids (kMaxMaskedTokens in
+# cc/kernels/masked_mae_row.h; also fused_masked_mae._core.MAX_MASKED_TOKENS).
+MAX_MASKED_TOKENS = 256
+
 
 def masked_token_list(start_token, end_token, tokens=()):
-    """Validates token ids (ints >= 0, or None to skip) and returns them as a list."""
-    ids = []
+    """Validates token ids (ints >= 0, or None to skip) and returns the distinct ids
+    as a list, in order of first appearance.
+
+    Raises:
+      TypeError: a token is not an integer (or None).
+      ValueError: a token is negative, or there are more than MAX_MASKED_TOKENS
+        distinct ids.
+    """
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"tokens must be a list of integer class ids, got {tokens!r}")
+    ids = {}
     for name, token in [("start_token", start_token), ("end_token", end_token)] + [
         ("tokens", t) for t in tokens
     ]:
@@ -25,8 +46,13 @@ def masked_token_list(start_token, end_token, tokens=()):
             raise TypeError(f"{name} must be an integer class id or None, got {token!r}") from None
         if token < 0:
             raise ValueError(f"{name} must be a class id >= 0, got {token}")
-        ids.append(token)
-    return ids
+        ids[token] = None
+    if len(ids) > MAX_MASKED_TOKENS:
+        raise ValueError(
+            f"got {len(ids)} distinct masked token ids, but the fused op supports at most "
+            f"{MAX_MASKED_TOKENS} (fused_masked_mae.ops.MAX_MASKED_TOKENS)"
+        )
+    return list(ids)
 
 
 def _check_inputs(y_true, y_pred):
@@ -45,15 +71,74 @@ def _check_inputs(y_true, y_pred):
     return y_true, y_pred
 
 
+def in_xla_context():
+    """True while tracing a graph that XLA will compile: the body of a
+    `tf.function(jit_compile=True)` (Keras' jit-compiled train/test/predict
+    steps are such functions), any function or control-flow branch traced
+    inside one, or a TPU rewrite.
+
+    TensorFlow marks those graphs by entering an `XLAControlFlowContext` while
+    tracing them; this looks for one in the default graph and its outer graphs
+    (`tf.__internal__.get_enclosing_xla_context`, what TensorFlow's own
+    function cache uses, equivalent to
+    `control_flow_util.GraphOrParentsInXlaContext`). Eager execution is never
+    in an XLA context.
+    """
+    if tf.executing_eagerly():
+        return False
+    return tf.__internal__.get_enclosing_xla_context() is not None
+
+
+def _shape_string(shape):
+    if shape.rank is None:
+        return "<unknown>"
+    return "[" + ",".join("?" if d is None else str(d) for d in shape.as_list()) + "]"
+
+
+def _check_static_shapes(y_true, y_pred, tokens):
+    """What the op's shape function checks, for the composite (which would
+    otherwise broadcast unequal shapes and give NaN for C = 0)."""
+    for tensor in (y_true, y_pred):
+        if tensor.shape.rank == 0:
+            raise ValueError("Shape must be at least rank 1 but is rank 0")
+    if not y_true.shape.is_compatible_with(y_pred.shape):
+        raise ValueError(
+            f"y_true and y_pred must have the same shape, got y_true "
+            f"{_shape_string(y_true.shape)} and y_pred {_shape_string(y_pred.shape)}"
+        )
+    shape = y_true.shape.merge_with(y_pred.shape)
+    classes = shape[-1] if shape.rank is not None else None
+    if classes is None:
+        return
+    if classes == 0:
+        raise ValueError(
+            f"the last dimension (classes) must be positive, got shape {_shape_string(shape)}"
+        )
+    for token in tokens:
+        if token >= classes:
+            raise ValueError(
+                f"masked token id {token} is outside [0, {classes}) for inputs with "
+                f"{classes} classes"
+            )
+
+
 def masked_mae_tokens(y_true, y_pred, tokens):
-    """The fused loss for a list of masked token ids (see `masked_mae`)."""
+    """The fused loss for a list of masked token ids (see `masked_mae`).
+
+    Inside XLA compilation (see `in_xla_context`) it is computed by the
+    composite reference instead, with XLA's own argmax (see docs/integration.md).
+    """
     y_true, y_pred = _check_inputs(y_true, y_pred)
+    tokens = masked_token_list(None, None, tokens)
+    if in_xla_context():
+        _check_static_shapes(y_true, y_pred, tokens)
+        return _reference.reference_masked_mae_tokens(y_true, y_pred, tokens)
     return ops_library.fused_masked_mae_masked_mae(
-        y_true=y_true, y_pred=y_pred, masked_tokens=masked_token_list(None, None, tokens)
+        y_true=y_true, y_pred=y_pred, masked_tokens=tokens
     )
 
 
-def masked_mae(y_true, y_pred, start_token, end_token):
+def masked_mae(y_true, y_pred, start_token=None, end_token=None, tokens=()):
     """Fused masked mean absolute error over the last axis.
 
     Args:
@@ -63,12 +148,15 @@ def masked_mae(y_true, y_pred, start_token, end_token):
       start_token, end_token: class ids in `[0, C)`; a position whose target
         argmax equals its prediction argmax and is one of these costs nothing.
         None means that token is not masked.
+      tokens: more masked class ids (padding, separators, ...), same rule.
+        Duplicates are ignored; at most MAX_MASKED_TOKENS (256) distinct ids
+        in all.
 
     Returns:
       The per-position loss, shape `[...]` (the input shape without its last
       axis), dtype of the inputs: `keep * mean(|y_pred - y_true|, axis=-1)`.
     """
-    return masked_mae_tokens(y_true, y_pred, masked_token_list(start_token, end_token))
+    return masked_mae_tokens(y_true, y_pred, masked_token_list(start_token, end_token, tokens))
 
 
 @tf.RegisterGradient("FusedMaskedMae>MaskedMae")

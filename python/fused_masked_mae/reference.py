@@ -35,14 +35,15 @@ def reference_masked_mae_tokens(y_true, y_pred, tokens):
     return condition * ops.mean(ops.abs(y_pred - y_true), axis=-1)
 
 
-def reference_masked_mae(y_true, y_pred, start_token, end_token):
+def reference_masked_mae(y_true, y_pred, start_token=None, end_token=None, tokens=()):
     """The seed's loss: positions whose target and prediction are both the start
-    (or both the end) token cost nothing; every other position costs its mean
-    absolute error over the last axis. A token given as None is not masked."""
+    (or both the end, or both one of `tokens`) token cost nothing; every other
+    position costs its mean absolute error over the last axis. A token given as
+    None is not masked."""
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.convert_to_tensor(y_true, dtype=y_pred.dtype)
-    tokens = [t for t in (start_token, end_token) if t is not None]
-    return reference_masked_mae_tokens(y_true, y_pred, tokens)
+    ids = [t for t in (start_token, end_token, *tokens) if t is not None]
+    return reference_masked_mae_tokens(y_true, y_pred, ids)
 
 
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
@@ -50,16 +51,19 @@ class ReferenceMaskedMAE(keras.losses.Loss):
     """The composite reference as a Keras loss, for comparisons with MaskedMAE
     (same reductions and sample_weight handling, unfused math)."""
 
-    def __init__(self, start_token, end_token, reduction="sum_over_batch_size",
-                 name="reference_masked_mae", dtype=None):
+    def __init__(self, start_token=None, end_token=None, reduction="sum_over_batch_size",
+                 name="reference_masked_mae", dtype=None, tokens=()):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.start_token = start_token
         self.end_token = end_token
+        self.tokens = tuple(tokens)
 
     def call(self, y_true, y_pred):
-        return reference_masked_mae(y_true, y_pred, self.start_token, self.end_token)
+        return reference_masked_mae(y_true, y_pred, self.start_token, self.end_token,
+                                    self.tokens)
 
     def get_config(self):
         config = super().get_config()
-        config.update(start_token=self.start_token, end_token=self.end_token)
+        config.update(start_token=self.start_token, end_token=self.end_token,
+                      tokens=list(self.tokens))
         return config

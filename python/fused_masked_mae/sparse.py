@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from fused_masked_mae._loader import ops_library
-from fused_masked_mae.ops import _FLOAT_DTYPES, masked_token_list
+from fused_masked_mae.ops import _FLOAT_DTYPES, in_xla_context, masked_token_list
 from fused_masked_mae.reference import reference_masked_mae_tokens
 
 _ID_DTYPES = (tf.int32, tf.int64)
@@ -28,10 +28,14 @@ def _check_inputs(y_true_ids, y_pred):
 
 
 def sparse_masked_mae_tokens(y_true_ids, y_pred, tokens):
-    """The fused sparse loss for a list of masked token ids."""
+    """The fused sparse loss for a list of masked token ids (inside XLA
+    compilation: the composite on one_hot(ids), see ops.in_xla_context)."""
     y_true_ids, y_pred = _check_inputs(y_true_ids, y_pred)
+    tokens = masked_token_list(None, None, tokens)
+    if in_xla_context():
+        return reference_sparse_masked_mae(y_true_ids, y_pred, tokens=tokens)
     return ops_library.fused_masked_mae_sparse_masked_mae(
-        y_true_ids=y_true_ids, y_pred=y_pred, masked_tokens=masked_token_list(None, None, tokens)
+        y_true_ids=y_true_ids, y_pred=y_pred, masked_tokens=tokens
     )
 
 
@@ -87,10 +91,10 @@ class SparseMaskedMAE(keras.losses.Loss):
         self,
         start_token=None,
         end_token=None,
-        tokens=(),
         reduction="sum_over_batch_size",
         name="sparse_masked_mae",
         dtype=None,
+        tokens=(),
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._tokens = masked_token_list(start_token, end_token, tokens)
