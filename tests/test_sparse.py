@@ -132,3 +132,21 @@ def test_empty_batch():
         loss = fm.sparse_masked_mae(ids, y_pred, 1, 5)
     assert loss.shape == (0, 4)
     assert tape.gradient(loss, y_pred).shape == (0, 4, 6)
+
+
+def test_sparse_loss_under_xla_falls_back_to_the_composite():
+    ids, y_pred = make((4, 6), 9, tf.float32)
+
+    @tf.function(jit_compile=True)
+    def loss_and_grad(i, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = fm.sparse_masked_mae(i, p, 1, 8)
+        return loss, tape.gradient(loss, p)
+
+    loss, grad = loss_and_grad(ids, y_pred)
+    with tf.GradientTape() as tape:
+        tape.watch(y_pred)
+        eager = fm.sparse_masked_mae(ids, y_pred, 1, 8)
+    np.testing.assert_allclose(loss.numpy(), eager.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(grad.numpy(), tape.gradient(eager, y_pred).numpy(), atol=1e-7)
