@@ -19,6 +19,7 @@
 #define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_ROW_H_
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MMAE_HOST_DEVICE __host__ __device__ __forceinline__
@@ -289,19 +290,39 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
     t_best[l] = p_best[l] = lowest;
     sum[l] = Acc(0);
   }
-  const auto observe = [&](int l, int64_t i) {
-    const Acc t = target_at(i);
-    const Acc p = prediction_at(i);
+  const auto observe = [&](int l, Acc t, Acc p) {
     t_best[l] = Improves(t, t_best[l]) ? t : t_best[l];
     p_best[l] = Improves(p, p_best[l]) ? p : p_best[l];
     sum[l] += AbsDiff(p, t);
   };
-  // Pass 1. The tail goes to lanes 0.., after their other elements.
+  // Pass 1, block by block of kHostLanes elements; the tail goes to lanes
+  // 0.., after their other elements.
   const int64_t full = num_classes - num_classes % kHostLanes;
-  for (int64_t base = 0; base < full; base += kHostLanes) {
-    for (int l = 0; l < kHostLanes; ++l) observe(l, base + l);
+  const auto scan_blocks = [&](int64_t begin, int64_t end, const auto& target_in_block) {
+    for (int64_t base = begin; base < end; base += kHostLanes) {
+      for (int l = 0; l < kHostLanes; ++l) {
+        observe(l, target_in_block(base, l), prediction_at(base + l));
+      }
+    }
+  };
+  if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
+    // one_hot(id) is zero outside id's block: only that block reads a 1.
+    // Lanes still see their elements in order, so the sums are the dense
+    // loop's bit for bit.
+    const auto zero = [](int64_t, int) { return Acc(0); };
+    const int64_t id_block = y_true.id - y_true.id % kHostLanes;
+    scan_blocks(0, id_block < full ? id_block : full, zero);
+    if (id_block < full) {
+      scan_blocks(id_block, id_block + kHostLanes,
+                  [&](int64_t base, int l) { return target_at(base + l); });
+      scan_blocks(id_block + kHostLanes, full, zero);
+    }
+  } else {
+    scan_blocks(0, full, [&](int64_t base, int l) { return target_at(base + l); });
   }
-  for (int64_t i = full; i < num_classes; ++i) observe(static_cast<int>(i - full), i);
+  for (int64_t i = full; i < num_classes; ++i) {
+    observe(static_cast<int>(i - full), target_at(i), prediction_at(i));
+  }
   // Pairwise tree over the lanes, always in the same order.
   for (int width = kHostLanes / 2; width >= 1; width /= 2) {
     for (int l = 0; l < width; ++l) {
@@ -313,8 +334,13 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
   // Pass 2: argmax t, and whether argmax p equals it, which only matters when
   // argmax t is a masked token. Then argmax p == argmax t exactly when p holds
   // its maximum there and nowhere before (no candidate in p means argmax 0).
-  const ArgmaxState<Acc> target{t_best[0],
-                                FirstIndexOf(target_at, num_classes, t_best[0], lowest)};
+  int64_t target_argmax;
+  if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
+    target_argmax = y_true.id;  // one_hot(id): its only maximum
+  } else {
+    target_argmax = FirstIndexOf(target_at, num_classes, t_best[0], lowest);
+  }
+  const ArgmaxState<Acc> target{t_best[0], target_argmax};
   const int64_t t_index = target.Result();
   bool prediction_equal = false;
   if (tokens.Contains(t_index)) {
@@ -342,9 +368,18 @@ inline void ComputeRowGradient(const TargetRow& y_true, const T* y_pred, int64_t
   using Acc = typename AccumulatorOf<T>::type;
   const Acc keep = ScanRow(y_true, y_pred, num_classes, tokens).keep;
   const Acc scale = RowGradientScale(upstream, keep, num_classes);
-  for (int64_t i = 0; i < num_classes; ++i) {
-    grad_y_pred[i] = ElementGradient<T>(scale, y_true.template At<Acc>(i),
-                                        static_cast<Acc>(y_pred[i]));
+  if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
+    // Every element independently: zero targets, then the one at id.
+    for (int64_t i = 0; i < num_classes; ++i) {
+      grad_y_pred[i] = ElementGradient<T>(scale, Acc(0), static_cast<Acc>(y_pred[i]));
+    }
+    grad_y_pred[y_true.id] =
+        ElementGradient<T>(scale, Acc(1), static_cast<Acc>(y_pred[y_true.id]));
+  } else {
+    for (int64_t i = 0; i < num_classes; ++i) {
+      grad_y_pred[i] =
+          ElementGradient<T>(scale, y_true.template At<Acc>(i), static_cast<Acc>(y_pred[i]));
+    }
   }
 }
 
