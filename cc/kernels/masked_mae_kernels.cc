@@ -27,28 +27,31 @@
 
 namespace fused_masked_mae {
 
-// The CPU row loops read 16-bit inputs through host_float16.h's types, which
-// share Eigen's bit layout and convert without per-element branches.
-template <typename T>
-struct HostTypeOf {
+// TensorFlow's 16-bit types share their bit layout with the host row loops'
+// types (host_float16.h, branch-free conversions) and with CUDA's: pointers
+// are viewed as those, never converted.
+template <typename T, typename Half, typename BFloat16>
+struct SameLayoutAs {
   using type = T;
 };
-template <>
-struct HostTypeOf<Eigen::half> {
-  using type = HostHalf;
+template <typename Half, typename BFloat16>
+struct SameLayoutAs<Eigen::half, Half, BFloat16> {
+  using type = Half;
 };
-template <>
-struct HostTypeOf<Eigen::bfloat16> {
-  using type = HostBFloat16;
+template <typename Half, typename BFloat16>
+struct SameLayoutAs<Eigen::bfloat16, Half, BFloat16> {
+  using type = BFloat16;
 };
 
-template <typename T>
-const typename HostTypeOf<T>::type* AsHost(const T* ptr) {
-  return reinterpret_cast<const typename HostTypeOf<T>::type*>(ptr);
+template <typename Half, typename BFloat16, typename T>
+auto ViewAs(T* ptr) {
+  using U = typename SameLayoutAs<std::remove_const_t<T>, Half, BFloat16>::type;
+  return reinterpret_cast<std::conditional_t<std::is_const_v<T>, const U, U>*>(ptr);
 }
+
 template <typename T>
-typename HostTypeOf<T>::type* AsHost(T* ptr) {
-  return reinterpret_cast<typename HostTypeOf<T>::type*>(ptr);
+auto AsHost(T* ptr) {
+  return ViewAs<HostHalf, HostBFloat16>(ptr);
 }
 
 using ::tensorflow::OpKernel;
@@ -99,7 +102,7 @@ struct MaskedMaeFunctor<CPUDevice, T, TargetT> {
 #ifdef FUSED_MASKED_MAE_PLANT_OOB_READ_FOR_SANITIZER_TEST
     // Test-only bug for `./build.sh sanitize`'s self-check: one element past
     // y_pred. Never defined in a real build.
-    out[0] = static_cast<typename HostTypeOf<T>::type>(
+    out[0] = static_cast<std::remove_pointer_t<decltype(out)>>(
         static_cast<float>(p[rows * num_classes]));
 #endif
     ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
@@ -128,27 +131,9 @@ struct MaskedMaeGradFunctor<CPUDevice, T, TargetT> {
 };
 
 #if GOOGLE_CUDA
-// TensorFlow's 16-bit types and CUDA's share their bit layout.
 template <typename T>
-struct CudaTypeOf {
-  using type = T;
-};
-template <>
-struct CudaTypeOf<Eigen::half> {
-  using type = __half;
-};
-template <>
-struct CudaTypeOf<Eigen::bfloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const typename CudaTypeOf<T>::type* AsCuda(const T* ptr) {
-  return reinterpret_cast<const typename CudaTypeOf<T>::type*>(ptr);
-}
-template <typename T>
-typename CudaTypeOf<T>::type* AsCuda(T* ptr) {
-  return reinterpret_cast<typename CudaTypeOf<T>::type*>(ptr);
+auto AsCuda(T* ptr) {
+  return ViewAs<__half, __nv_bfloat16>(ptr);
 }
 
 absl::Status LaunchStatus(cudaError_t error, const char* what) {

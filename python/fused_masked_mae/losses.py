@@ -13,7 +13,8 @@ import functools
 import keras
 import tensorflow as tf
 
-from fused_masked_mae.ops import masked_mae_tokens, masked_token_list
+from fused_masked_mae.ops import masked_mae_tokens
+from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
 
 
 def _per_position_loss(y_true, y_pred, tokens):
@@ -23,7 +24,7 @@ def _per_position_loss(y_true, y_pred, tokens):
 
 
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
-class MaskedMAE(keras.losses.Loss):
+class MaskedMAE(MaskedTokensConfig, keras.losses.Loss):
     """Masked mean absolute error for one-hot (or soft) targets `[..., C]`.
 
     A position whose target argmax equals its prediction argmax and is the
@@ -53,20 +54,10 @@ class MaskedMAE(keras.losses.Loss):
         tokens=(),
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._tokens = masked_token_list(start_token, end_token, tokens)
-        self.tokens = tuple(tokens)
-        self.start_token = start_token
-        self.end_token = end_token
+        self._set_masked_tokens(start_token, end_token, tokens)
 
     def call(self, y_true, y_pred):
         return _per_position_loss(y_true, y_pred, self._tokens)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            start_token=self.start_token, end_token=self.end_token, tokens=list(self.tokens)
-        )
-        return config
 
 
 def masked_mae_loss_fn(start_token=None, end_token=None, tokens=()):
@@ -92,7 +83,7 @@ def _tf_keras_masked_mae_class():
     import tf_keras  # only here: tf_keras is an optional dependency
 
     @tf_keras.saving.register_keras_serializable(package="fused_masked_mae")
-    class TfKerasMaskedMAE(tf_keras.losses.Loss):
+    class TfKerasMaskedMAE(MaskedTokensConfig, tf_keras.losses.Loss):
         """`MaskedMAE` for Keras 2 (`tf_keras`, or `tf.keras` under
         `TF_USE_LEGACY_KERAS=1`): a `tf_keras.losses.Loss` with tf_keras'
         reductions and `sample_weight` handling. The loss is computed in
@@ -107,20 +98,10 @@ def _tf_keras_masked_mae_class():
             tokens=(),
         ):
             super().__init__(reduction=reduction, name=name)
-            self._tokens = masked_token_list(start_token, end_token, tokens)
-            self.tokens = tuple(tokens)
-            self.start_token = start_token
-            self.end_token = end_token
+            self._set_masked_tokens(start_token, end_token, tokens)
 
         def call(self, y_true, y_pred):
             return _per_position_loss(y_true, y_pred, self._tokens)
-
-        def get_config(self):
-            config = super().get_config()
-            config.update(
-                start_token=self.start_token, end_token=self.end_token, tokens=list(self.tokens)
-            )
-            return config
 
     TfKerasMaskedMAE.__module__ = __name__
     TfKerasMaskedMAE.__qualname__ = "TfKerasMaskedMAE"

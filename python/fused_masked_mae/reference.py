@@ -12,6 +12,8 @@ op follows tf.math.argmax (the seed's semantics), so the reference does too.
 import keras
 import tensorflow as tf
 
+from fused_masked_mae.tokens import MaskedTokensConfig
+
 
 def _backend_argmax(x):
     # What `keras.backend.argmax` was in the seed's Keras 2: tf.math.argmax.
@@ -47,23 +49,15 @@ def reference_masked_mae(y_true, y_pred, start_token=None, end_token=None, token
 
 
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
-class ReferenceMaskedMAE(keras.losses.Loss):
+class ReferenceMaskedMAE(MaskedTokensConfig, keras.losses.Loss):
     """The composite reference as a Keras loss, for comparisons with MaskedMAE
     (same reductions and sample_weight handling, unfused math)."""
 
     def __init__(self, start_token=None, end_token=None, reduction="sum_over_batch_size",
                  name="reference_masked_mae", dtype=None, tokens=()):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.start_token = start_token
-        self.end_token = end_token
-        self.tokens = tuple(tokens)
+        self._set_masked_tokens(start_token, end_token, tokens)
 
     def call(self, y_true, y_pred):
         return reference_masked_mae(y_true, y_pred, self.start_token, self.end_token,
                                     self.tokens)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(start_token=self.start_token, end_token=self.end_token,
-                      tokens=list(self.tokens))
-        return config

@@ -9,7 +9,8 @@ import keras
 import tensorflow as tf
 
 from fused_masked_mae._loader import ops_library
-from fused_masked_mae.ops import _FLOAT_DTYPES, in_xla_context, masked_token_list
+from fused_masked_mae.ops import _FLOAT_DTYPES, in_xla_context
+from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
 from fused_masked_mae.reference import reference_masked_mae_tokens
 
 _ID_DTYPES = (tf.int32, tf.int64)
@@ -79,7 +80,7 @@ def _sparse_masked_mae_grad(op, grad_loss):
 
 
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
-class SparseMaskedMAE(keras.losses.Loss):
+class SparseMaskedMAE(MaskedTokensConfig, keras.losses.Loss):
     """MaskedMAE for integer class-id targets `[...]` (like Keras'
     SparseCategoricalCrossentropy next to CategoricalCrossentropy).
 
@@ -97,10 +98,7 @@ class SparseMaskedMAE(keras.losses.Loss):
         tokens=(),
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._tokens = masked_token_list(start_token, end_token, tokens)
-        self.start_token = start_token
-        self.end_token = end_token
-        self.tokens = tuple(tokens)
+        self._set_masked_tokens(start_token, end_token, tokens)
 
     def call(self, y_true, y_pred):
         y_pred = tf.convert_to_tensor(y_pred)
@@ -108,10 +106,3 @@ class SparseMaskedMAE(keras.losses.Loss):
         if y_true.shape.rank is not None and y_true.shape.rank == y_pred.shape.rank:
             y_true = tf.squeeze(y_true, axis=-1)  # [..., 1] ids, as Keras allows
         return sparse_masked_mae_tokens(tf.cast(y_true, tf.int32), y_pred, self._tokens)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            start_token=self.start_token, end_token=self.end_token, tokens=list(self.tokens)
-        )
-        return config
