@@ -284,66 +284,43 @@ cudaError_t DispatchCudaTargets(uintptr_t y_true, const std::string& id_dtype, F
   throw py::type_error("id_dtype must be '', 'int32' or 'int64', got " + id_dtype);
 }
 
-void CudaForward(uintptr_t y_true, uintptr_t y_pred, uintptr_t loss,
-                 const std::vector<int64_t>& shape, const std::string& dtype,
-                 const std::vector<int64_t>& masked_tokens, uintptr_t stream,
-                 const std::string& id_dtype) {
+// The forward (grad_loss unused) or the gradient launch, dense or sparse.
+void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss,
+                uintptr_t out, const std::vector<int64_t>& shape, const std::string& dtype,
+                const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+                const std::string& id_dtype) {
   const RowView view = CheckRowShape(shape);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCudaPointer(y_true, "y_true", view.rows);
   CheckCudaPointer(y_pred, "y_pred", view.rows);
-  CheckCudaPointer(loss, "loss", view.rows);
+  if (gradient) CheckCudaPointer(grad_loss, "grad_loss", view.rows);
+  CheckCudaPointer(out, gradient ? "grad_y_pred" : "loss", view.rows);
   py::gil_scoped_release release;
-  CheckCudaStatus(
-      DispatchCudaDtype(dtype,
-                        [&](auto zero) {
-                          using T = decltype(zero);
-                          return DispatchCudaTargets<T>(y_true, id_dtype, [&](auto targets) {
-                            const T* p = reinterpret_cast<const T*>(y_pred);
-                            T* out = reinterpret_cast<T*>(loss);
-                            const auto s = reinterpret_cast<cudaStream_t>(stream);
-                            if constexpr (std::is_same_v<decltype(targets), const T*>) {
-                              return LaunchMaskedMaeForward(targets, p, view.rows,
-                                                            view.num_classes, tokens, out, s);
-                            } else {
-                              return LaunchSparseMaskedMaeForward(targets, p, view.rows,
-                                                                  view.num_classes, tokens, out, s);
-                            }
-                          });
-                        }),
-      "masked MAE forward");
-}
-
-void CudaGradient(uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss, uintptr_t grad_y_pred,
-                  const std::vector<int64_t>& shape, const std::string& dtype,
-                  const std::vector<int64_t>& masked_tokens, uintptr_t stream,
-                  const std::string& id_dtype) {
-  const RowView view = CheckRowShape(shape);
-  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
-  CheckCudaPointer(y_true, "y_true", view.rows);
-  CheckCudaPointer(y_pred, "y_pred", view.rows);
-  CheckCudaPointer(grad_loss, "grad_loss", view.rows);
-  CheckCudaPointer(grad_y_pred, "grad_y_pred", view.rows);
-  py::gil_scoped_release release;
-  CheckCudaStatus(
-      DispatchCudaDtype(dtype,
-                        [&](auto zero) {
-                          using T = decltype(zero);
-                          return DispatchCudaTargets<T>(y_true, id_dtype, [&](auto targets) {
-                            const T* p = reinterpret_cast<const T*>(y_pred);
-                            const T* g = reinterpret_cast<const T*>(grad_loss);
-                            T* out = reinterpret_cast<T*>(grad_y_pred);
-                            const auto s = reinterpret_cast<cudaStream_t>(stream);
-                            if constexpr (std::is_same_v<decltype(targets), const T*>) {
-                              return LaunchMaskedMaeGradient(targets, p, g, view.rows,
-                                                             view.num_classes, tokens, out, s);
-                            } else {
-                              return LaunchSparseMaskedMaeGradient(
-                                  targets, p, g, view.rows, view.num_classes, tokens, out, s);
-                            }
-                          });
-                        }),
-      "masked MAE gradient");
+  const auto launch = [&](auto zero) {
+    using T = decltype(zero);
+    return DispatchCudaTargets<T>(y_true, id_dtype, [&](auto targets) {
+      constexpr bool kDense = std::is_same_v<decltype(targets), const T*>;
+      const T* p = reinterpret_cast<const T*>(y_pred);
+      const T* g = reinterpret_cast<const T*>(grad_loss);
+      T* o = reinterpret_cast<T*>(out);
+      const auto s = reinterpret_cast<cudaStream_t>(stream);
+      const int64_t rows = view.rows, classes = view.num_classes;
+      if (gradient) {
+        if constexpr (kDense) {
+          return LaunchMaskedMaeGradient(targets, p, g, rows, classes, tokens, o, s);
+        } else {
+          return LaunchSparseMaskedMaeGradient(targets, p, g, rows, classes, tokens, o, s);
+        }
+      }
+      if constexpr (kDense) {
+        return LaunchMaskedMaeForward(targets, p, rows, classes, tokens, o, s);
+      } else {
+        return LaunchSparseMaskedMaeForward(targets, p, rows, classes, tokens, o, s);
+      }
+    });
+  };
+  CheckCudaStatus(DispatchCudaDtype(dtype, launch),
+                  gradient ? "masked MAE gradient" : "masked MAE forward");
 }
 
 #endif  // FUSED_MASKED_MAE_WITH_CUDA
@@ -367,14 +344,29 @@ PYBIND11_MODULE(_core, m) {
         "Host memory bandwidth in GB/s: 'read' (bytes read) or 'copy' (read + written).");
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
-  m.def("cuda_forward", &CudaForward, py::arg("y_true"), py::arg("y_pred"), py::arg("loss"),
-        py::arg("shape"), py::arg("dtype"), py::arg("masked_tokens"), py::arg("stream"),
-        py::arg("id_dtype") = std::string(),
-        "Launches the forward kernel on raw device pointers (row-major, contiguous).");
-  m.def("cuda_gradient", &CudaGradient, py::arg("y_true"), py::arg("y_pred"),
-        py::arg("grad_loss"), py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"),
-        py::arg("masked_tokens"), py::arg("stream"), py::arg("id_dtype") = std::string(),
-        "Launches the gradient kernel on raw device pointers (row-major, contiguous).");
+  m.def(
+      "cuda_forward",
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, const std::vector<int64_t>& shape,
+         const std::string& dtype, const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+         const std::string& id_dtype) {
+        CudaLaunch(false, y_true, y_pred, 0, loss, shape, dtype, masked_tokens, stream, id_dtype);
+      },
+      py::arg("y_true"), py::arg("y_pred"), py::arg("loss"), py::arg("shape"), py::arg("dtype"),
+      py::arg("masked_tokens"), py::arg("stream"), py::arg("id_dtype") = std::string(),
+      "Launches the forward kernel on raw device pointers (row-major, contiguous).");
+  m.def(
+      "cuda_gradient",
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss, uintptr_t grad_y_pred,
+         const std::vector<int64_t>& shape, const std::string& dtype,
+         const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+         const std::string& id_dtype) {
+        CudaLaunch(true, y_true, y_pred, grad_loss, grad_y_pred, shape, dtype, masked_tokens,
+                   stream, id_dtype);
+      },
+      py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"), py::arg("grad_y_pred"),
+      py::arg("shape"), py::arg("dtype"), py::arg("masked_tokens"), py::arg("stream"),
+      py::arg("id_dtype") = std::string(),
+      "Launches the gradient kernel on raw device pointers (row-major, contiguous).");
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -110,29 +110,42 @@ __device__ __forceinline__ bool TargetValid(const SparseTargetRow& row, int64_t 
   return row.id >= 0 && row.id < num_classes;
 }
 
+// Visits this lane's chunks in increasing order: a full chunk of an aligned
+// row as one 16-byte access (vector_chunk(first)), anything else element by
+// element (element(i)). Which elements a lane sees never depends on alignment.
+template <int kVec, typename VectorChunk, typename Element>
+__device__ __forceinline__ void ForEachLaneChunk(int64_t num_classes, bool vector_ok, int lane,
+                                                 int group, const VectorChunk& vector_chunk,
+                                                 const Element& element) {
+  const int64_t chunks = (num_classes + kVec - 1) / kVec;
+  for (int64_t c = lane; c < chunks; c += group) {
+    const int64_t first = c * kVec;
+    if (vector_ok && first + kVec <= num_classes) {
+      vector_chunk(first);
+    } else {
+      const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
+      for (int64_t i = first; i < last; ++i) element(i);
+    }
+  }
+}
+
 template <typename T, typename TargetRow, typename Acc>
 __device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const TargetRow& t, const T* p,
                                                           int64_t num_classes, bool vector_ok,
                                                           int lane, int group, Acc lowest) {
   constexpr int kVec = Vec<T>::kSize;
   RowPartial<Acc> part = RowPartial<Acc>::Empty(lowest);
-  const int64_t chunks = (num_classes + kVec - 1) / kVec;
-  for (int64_t c = lane; c < chunks; c += group) {
-    const int64_t first = c * kVec;
-    if (vector_ok && first + kVec <= num_classes) {
-      Acc tv[kVec];
-      LoadTargetChunk<T>(t, first, tv);
-      Chunk<T> pc;
-      pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
+  ForEachLaneChunk<kVec>(
+      num_classes, vector_ok, lane, group,
+      [&](int64_t first) {
+        Acc tv[kVec];
+        LoadTargetChunk<T>(t, first, tv);
+        Chunk<T> pc;
+        pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) part.Observe(tv[k], static_cast<Acc>(pc.values[k]), first + k);
-    } else {
-      const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
-      for (int64_t i = first; i < last; ++i) {
-        part.Observe(t.template At<Acc>(i), static_cast<Acc>(p[i]), i);
-      }
-    }
-  }
+        for (int k = 0; k < kVec; ++k) part.Observe(tv[k], static_cast<Acc>(pc.values[k]), first + k);
+      },
+      [&](int64_t i) { part.Observe(t.template At<Acc>(i), static_cast<Acc>(p[i]), i); });
   return part;
 }
 
@@ -186,26 +199,22 @@ __device__ __forceinline__ void WriteLaneGradient(const TargetRow& t, const T* p
                                                   int64_t num_classes, bool vector_ok,
                                                   int lane, int group, Acc scale) {
   constexpr int kVec = Vec<T>::kSize;
-  const int64_t chunks = (num_classes + kVec - 1) / kVec;
-  for (int64_t c = lane; c < chunks; c += group) {
-    const int64_t first = c * kVec;
-    if (vector_ok && first + kVec <= num_classes) {
-      Acc tv[kVec];
-      LoadTargetChunk<T>(t, first, tv);
-      Chunk<T> pc, gc;
-      pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
+  ForEachLaneChunk<kVec>(
+      num_classes, vector_ok, lane, group,
+      [&](int64_t first) {
+        Acc tv[kVec];
+        LoadTargetChunk<T>(t, first, tv);
+        Chunk<T> pc, gc;
+        pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        gc.values[k] = ElementGradient<T>(scale, tv[k], static_cast<Acc>(pc.values[k]));
-      }
-      *reinterpret_cast<uint4*>(grad + first) = gc.raw;
-    } else {
-      const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
-      for (int64_t i = first; i < last; ++i) {
+        for (int k = 0; k < kVec; ++k) {
+          gc.values[k] = ElementGradient<T>(scale, tv[k], static_cast<Acc>(pc.values[k]));
+        }
+        *reinterpret_cast<uint4*>(grad + first) = gc.raw;
+      },
+      [&](int64_t i) {
         grad[i] = ElementGradient<T>(scale, t.template At<Acc>(i), static_cast<Acc>(p[i]));
-      }
-    }
-  }
+      });
 }
 
 // kGroup: lanes per row (1..32), or 0 for one whole block per row.
