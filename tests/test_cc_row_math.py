@@ -25,3 +25,22 @@ def test_row_math_under_sanitizers(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "PASSED: 0 failures" in run.stdout
     assert run.stdout.count("rows x 8 lane groups checked") == 4
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("g++") is None,
+                    reason="valgrind or g++ not found")
+def test_row_math_under_valgrind(tmp_path):
+    binary = tmp_path / "row_math_test_plain"
+    subprocess.run(
+        ["g++", "-std=c++17", "-O1", "-g", f"-I{ROOT}",
+         str(ROOT / "tests" / "cc" / "row_math_test.cc"), "-o", str(binary)],
+        check=True,
+    )
+    run = subprocess.run(
+        ["valgrind", "--error-exitcode=9", "--leak-check=full", "--errors-for-leak-kinds=all",
+         str(binary)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "PASSED: 0 failures" in run.stdout
+    assert "ERROR SUMMARY: 0 errors" in run.stderr
