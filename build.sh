@@ -201,7 +201,9 @@ sanitize_suite() {
   log "sanitized test suite"
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_op_gradients.py" \
-    "$ROOT/tests/test_op_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py")
+    "$ROOT/tests/test_op_errors.py" "$ROOT/tests/test_parity.py" "$ROOT/tests/test_gradients.py" \
+    "$ROOT/tests/test_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py" \
+    "$ROOT/tests/test_properties.py")
   log "raw-op fuzzer (${FUZZ_CASES:-2000} cases)"
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" "$ROOT/tests/fuzz_raw_ops.py" --cases "${FUZZ_CASES:-2000}")
   log "planted-bug self-check: a test-only build that reads past y_pred must be reported"

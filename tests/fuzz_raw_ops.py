@@ -54,11 +54,11 @@ def one_case(rng):
         if kind in ("forward", "grad", "core", "core_grad"):
             y_true = draw_tensor(rng, other, dtype)
             if kind == "forward":
-                out = ops_library.fused_masked_mae_masked_mae(
+                out = ops_library.import_fused_masked_mae_masked_mae(
                     y_true=y_true, y_pred=y_pred, masked_tokens=tokens)
                 assert out.shape == loss_shape, (out.shape, loss_shape)
             elif kind == "grad":
-                out = ops_library.fused_masked_mae_masked_mae_grad(
+                out = ops_library.import_fused_masked_mae_masked_mae_grad(
                     y_true=y_true, y_pred=y_pred, grad_loss=grad_loss, masked_tokens=tokens)
                 assert out.shape == shape
             else:
@@ -75,11 +75,11 @@ def one_case(rng):
             if shape and shape[-1] > 0 and rng.random() < 0.7:  # mostly valid ids
                 ids = tf.constant(rng.integers(0, shape[-1], size=ids_shape), id_dtype)
             if kind == "sparse":
-                out = ops_library.fused_masked_mae_sparse_masked_mae(
+                out = ops_library.import_fused_masked_mae_sparse_masked_mae(
                     y_true_ids=ids, y_pred=y_pred, masked_tokens=tokens)
                 assert out.shape == loss_shape
             else:
-                out = ops_library.fused_masked_mae_sparse_masked_mae_grad(
+                out = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
                     y_true_ids=ids, y_pred=y_pred, grad_loss=grad_loss, masked_tokens=tokens)
                 assert out.shape == shape
         return "ok"

@@ -154,3 +154,23 @@ def test_core_equals_tensorflow_kernel_bit_for_bit(dtype):
         tf.constant(np.roll(crafted, 1, axis=0), tf_dtype), tf.constant(crafted, tf_dtype), [0, 1]
     )
     assert_same(core.forward(np.roll(crafted, 1, axis=0), crafted, [0, 1]), fused_crafted.numpy())
+
+
+@pytest.mark.skipif(not _core.WITH_CUDA, reason="_core was built without CUDA")
+def test_device_entry_rejects_shapes_before_touching_memory():
+    # Null pointers: any launch would fault, so these must fail in validation.
+    huge = [2**40, 2**40]  # 2^80 elements: overflows int64
+    with pytest.raises(ValueError, match=r"more than 2\^63 elements"):
+        _core.cuda_forward(0, 0, 0, huge, "float32", [], 0)
+    with pytest.raises(ValueError, match="must be positive"):
+        _core.cuda_forward(0, 0, 0, [4, 0], "float32", [], 0)
+    with pytest.raises(ValueError, match="negative dimension"):
+        _core.cuda_gradient(0, 0, 0, 0, [-1, 3], "float32", [], 0)
+    with pytest.raises(ValueError, match=r"token id 3 is outside \[0, 3\)"):
+        _core.cuda_forward(0, 0, 0, [2, 3], "float32", [3], 0)
+    with pytest.raises(ValueError, match="null device pointer"):
+        _core.cuda_forward(0, 0, 0, [2, 3], "float32", [], 0)
+    with pytest.raises(TypeError, match="int8"):
+        _core.cuda_forward(8, 8, 8, [2, 3], "int8", [], 0)
+    with pytest.raises(TypeError, match="id_dtype"):
+        _core.cuda_forward(8, 8, 8, [2, 3], "float32", [], 0, "float32")

@@ -38,8 +38,8 @@ def cuobjdump():
 def test_gpu_kernels_are_registered_for_every_dtype():
     from tensorflow.python.framework import kernels
 
-    for op in ("FusedMaskedMae>MaskedMae", "FusedMaskedMae>MaskedMaeGrad",
-               "FusedMaskedMae>SparseMaskedMae", "FusedMaskedMae>SparseMaskedMaeGrad"):
+    for op in ("Import_fused_masked_mae>MaskedMae", "Import_fused_masked_mae>MaskedMaeGrad",
+               "Import_fused_masked_mae>SparseMaskedMae", "Import_fused_masked_mae>SparseMaskedMaeGrad"):
         registered = kernels.get_registered_kernels_for_op(op).kernel
         gpu_types = {
             t for k in registered if k.device_type == "GPU"

@@ -8,7 +8,7 @@ Where each error comes from:
 - the kernels, eagerly and in graphs whose shapes are unknown until run time:
   tf.errors.InvalidArgumentError.
 Every case is run through the public API and through the raw ops
-(`ops_library.fused_masked_mae_masked_mae[_grad]`), eagerly and in graphs.
+(`ops_library.import_fused_masked_mae_masked_mae[_grad]`), eagerly and in graphs.
 """
 
 import numpy as np
@@ -19,8 +19,8 @@ import fused_masked_mae as fm
 from fused_masked_mae import _loader
 from fused_masked_mae._loader import ops_library
 
-raw_forward = ops_library.fused_masked_mae_masked_mae
-raw_grad = ops_library.fused_masked_mae_masked_mae_grad
+raw_forward = ops_library.import_fused_masked_mae_masked_mae
+raw_grad = ops_library.import_fused_masked_mae_masked_mae_grad
 IAE = tf.errors.InvalidArgumentError
 
 FLOAT_DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]

@@ -9,7 +9,7 @@ import tensorflow as tf
 import fused_masked_mae as fm
 from fused_masked_mae._loader import ops_library
 
-raw_grad = ops_library.fused_masked_mae_masked_mae_grad
+raw_grad = ops_library.import_fused_masked_mae_masked_mae_grad
 
 
 def away_from_kink(shape, seed=0):

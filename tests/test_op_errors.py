@@ -11,8 +11,8 @@ from fused_masked_mae import _loader
 from fused_masked_mae._loader import ops_library
 
 Invalid = (tf.errors.InvalidArgumentError, ValueError)
-raw_forward = ops_library.fused_masked_mae_masked_mae
-raw_grad = ops_library.fused_masked_mae_masked_mae_grad
+raw_forward = ops_library.import_fused_masked_mae_masked_mae
+raw_grad = ops_library.import_fused_masked_mae_masked_mae_grad
 
 
 @pytest.mark.parametrize(

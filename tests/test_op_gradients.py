@@ -97,6 +97,6 @@ def test_empty_batch_gradient():
         loss = fm.masked_mae(y_true, y_pred, 0, 3)
     assert loss.shape == (0, 3)
     assert tape.gradient(loss, y_pred).shape == (0, 3, 4)
-    raw = ops_library.fused_masked_mae_masked_mae_grad(
+    raw = ops_library.import_fused_masked_mae_masked_mae_grad(
         y_true=y_true, y_pred=y_pred, grad_loss=tf.zeros((0, 3)), masked_tokens=[0])
     assert raw.shape == (0, 3, 4)

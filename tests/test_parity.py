@@ -182,7 +182,7 @@ def observed_keep(y_true_rows, y_pred_rows, tokens, dtype):
     t = np.concatenate([y_true_rows, np.full((rows, 1), -np.inf)], axis=1)
     p = np.concatenate([y_pred_rows, np.full((rows, 1), lowest)], axis=1)
     t, p = tf.constant(t, dtype), tf.constant(p, dtype)
-    grad = ops_library.fused_masked_mae_masked_mae_grad(
+    grad = ops_library.import_fused_masked_mae_masked_mae_grad(
         y_true=t, y_pred=p, grad_loss=tf.ones((rows,), dtype), masked_tokens=tokens)
     probe = tf.cast(grad[:, -1], tf.float64).numpy()
     one_over_c = tf.cast(tf.constant(1.0 / t.shape[-1], dtype), tf.float64).numpy()
@@ -357,8 +357,8 @@ def test_graph_uses_the_fused_op(make_seq2seq):
 
     graph = loss_and_grad.get_concrete_function(y_true, y_pred).graph
     types = {op.type for op in graph.get_operations()}
-    assert "FusedMaskedMae>MaskedMae" in types
-    assert "FusedMaskedMae>MaskedMaeGrad" in types
+    assert "Import_fused_masked_mae>MaskedMae" in types
+    assert "Import_fused_masked_mae>MaskedMaeGrad" in types
     assert "ArgMax" not in types  # not the composite
 
 

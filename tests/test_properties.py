@@ -242,18 +242,18 @@ def test_core_equals_tf_kernels(case):
     weights = tf.constant(case.weights, case.dtype)
     t, p, g = y_true.numpy(), y_pred.numpy(), weights.numpy()
     assert_bitwise(core.forward(t, p, case.tokens),
-                   ops_library.fused_masked_mae_masked_mae(
+                   ops_library.import_fused_masked_mae_masked_mae(
                        y_true=y_true, y_pred=y_pred, masked_tokens=case.tokens))
     assert_bitwise(core.gradient(t, p, g, case.tokens),
-                   ops_library.fused_masked_mae_masked_mae_grad(
+                   ops_library.import_fused_masked_mae_masked_mae_grad(
                        y_true=y_true, y_pred=y_pred, grad_loss=weights,
                        masked_tokens=case.tokens))
     ids = tf.constant(case.ids, tf.int32)
     assert_bitwise(core.forward(ids.numpy(), p, case.tokens, sparse=True),
-                   ops_library.fused_masked_mae_sparse_masked_mae(
+                   ops_library.import_fused_masked_mae_sparse_masked_mae(
                        y_true_ids=ids, y_pred=y_pred, masked_tokens=case.tokens))
     assert_bitwise(core.gradient(ids.numpy(), p, g, case.tokens, sparse=True),
-                   ops_library.fused_masked_mae_sparse_masked_mae_grad(
+                   ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
                        y_true_ids=ids, y_pred=y_pred, grad_loss=weights,
                        masked_tokens=case.tokens))
 

@@ -70,7 +70,7 @@ def test_duplicates_are_dropped_before_the_op():
     t, p = batch_with_tokens((1, 3))
     graph = tf.function(lambda a, b: fm.masked_mae(a, b, 3, 3, [1, 3, 1])).get_concrete_function(
         t, p).graph
-    (op,) = [op for op in graph.get_operations() if op.type == "FusedMaskedMae>MaskedMae"]
+    (op,) = [op for op in graph.get_operations() if op.type == "Import_fused_masked_mae>MaskedMae"]
     assert op.get_attr("masked_tokens") == [3, 1]
 
 

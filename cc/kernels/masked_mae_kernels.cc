@@ -1,4 +1,4 @@
-// TensorFlow kernels for FusedMaskedMae>MaskedMae and its gradient.
+// TensorFlow kernels for Import_fused_masked_mae>MaskedMae and its gradient.
 //
 // Every input is validated here, before any memory is touched; the device
 // functors (CPU below, CUDA in masked_mae_kernels.cu.cc) may then trust
@@ -322,21 +322,21 @@ class MaskedMaeGradOp : public MaskedMaeOpBase {
 
 #define REGISTER_KERNELS(DEVICE_NAME, DEVICE, T)                                            \
   REGISTER_KERNEL_BUILDER(                                                                  \
-      Name("FusedMaskedMae>MaskedMae").Device(DEVICE_NAME).TypeConstraint<T>("T"),          \
+      Name("Import_fused_masked_mae>MaskedMae").Device(DEVICE_NAME).TypeConstraint<T>("T"),          \
       MaskedMaeOp<DEVICE, T, T>);                                                           \
   REGISTER_KERNEL_BUILDER(                                                                  \
-      Name("FusedMaskedMae>MaskedMaeGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),      \
+      Name("Import_fused_masked_mae>MaskedMaeGrad").Device(DEVICE_NAME).TypeConstraint<T>("T"),      \
       MaskedMaeGradOp<DEVICE, T, T>);                                                       \
   REGISTER_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, int32_t)                                  \
   REGISTER_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, int64_t)
 
 #define REGISTER_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, ID)                                 \
-  REGISTER_KERNEL_BUILDER(Name("FusedMaskedMae>SparseMaskedMae")                            \
+  REGISTER_KERNEL_BUILDER(Name("Import_fused_masked_mae>SparseMaskedMae")                            \
                               .Device(DEVICE_NAME)                                          \
                               .TypeConstraint<T>("T")                                       \
                               .TypeConstraint<ID>("Tidx"),                                  \
                           MaskedMaeOp<DEVICE, T, ID>);                                      \
-  REGISTER_KERNEL_BUILDER(Name("FusedMaskedMae>SparseMaskedMaeGrad")                        \
+  REGISTER_KERNEL_BUILDER(Name("Import_fused_masked_mae>SparseMaskedMaeGrad")                        \
                               .Device(DEVICE_NAME)                                          \
                               .TypeConstraint<T>("T")                                       \
                               .TypeConstraint<ID>("Tidx"),                                  \

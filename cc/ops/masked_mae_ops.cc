@@ -116,7 +116,7 @@ Status SparseMaskedMaeGradShape(InferenceContext* c) {
 // loss[...] = keep * mean(|y_pred - y_true|, axis=-1), where keep = 0 when
 // argmax(y_true) == argmax(y_pred) (tf.math.argmax semantics: first index of the
 // maximum, NaN never selected) and that id is in masked_tokens, else 1.
-REGISTER_OP("FusedMaskedMae>MaskedMae")
+REGISTER_OP("Import_fused_masked_mae>MaskedMae")
     .Input("y_true: T")
     .Input("y_pred: T")
     .Output("loss: T")
@@ -126,7 +126,7 @@ REGISTER_OP("FusedMaskedMae>MaskedMae")
 
 // grad_y_pred = grad_loss[..., None] * keep / C * sign(y_pred - y_true), sign(0) = 0.
 // The gradient for y_true is its negative; nothing flows through the argmax.
-REGISTER_OP("FusedMaskedMae>MaskedMaeGrad")
+REGISTER_OP("Import_fused_masked_mae>MaskedMaeGrad")
     .Input("y_true: T")
     .Input("y_pred: T")
     .Input("grad_loss: T")
@@ -139,7 +139,7 @@ REGISTER_OP("FusedMaskedMae>MaskedMaeGrad")
 // one_hot(y_true_ids, C); same values and gradients as the dense op on it,
 // without building the one-hot tensor. Ids outside [0, C) are an
 // InvalidArgument error on CPU and give NaN on GPU.
-REGISTER_OP("FusedMaskedMae>SparseMaskedMae")
+REGISTER_OP("Import_fused_masked_mae>SparseMaskedMae")
     .Input("y_true_ids: Tidx")
     .Input("y_pred: T")
     .Output("loss: T")
@@ -148,7 +148,7 @@ REGISTER_OP("FusedMaskedMae>SparseMaskedMae")
     .Attr("masked_tokens: list(int) = []")
     .SetShapeFn(SparseMaskedMaeShape);
 
-REGISTER_OP("FusedMaskedMae>SparseMaskedMaeGrad")
+REGISTER_OP("Import_fused_masked_mae>SparseMaskedMaeGrad")
     .Input("y_true_ids: Tidx")
     .Input("y_pred: T")
     .Input("grad_loss: T")

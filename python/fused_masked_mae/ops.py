@@ -95,7 +95,7 @@ def masked_mae_tokens(y_true, y_pred, tokens):
     if in_xla_context():
         _check_static_shapes(y_true, y_pred, tokens)
         return _reference.reference_masked_mae_tokens(y_true, y_pred, tokens)
-    return ops_library.fused_masked_mae_masked_mae(
+    return ops_library.import_fused_masked_mae_masked_mae(
         y_true=y_true, y_pred=y_pred, masked_tokens=tokens
     )
 
@@ -121,10 +121,10 @@ def masked_mae(y_true, y_pred, start_token=None, end_token=None, tokens=()):
     return masked_mae_tokens(y_true, y_pred, masked_token_list(start_token, end_token, tokens))
 
 
-@tf.RegisterGradient("FusedMaskedMae>MaskedMae")
+@tf.RegisterGradient("Import_fused_masked_mae>MaskedMae")
 def _masked_mae_grad(op, grad_loss):
     y_true, y_pred = op.inputs
-    grad_y_pred = ops_library.fused_masked_mae_masked_mae_grad(
+    grad_y_pred = ops_library.import_fused_masked_mae_masked_mae_grad(
         y_true=y_true,
         y_pred=y_pred,
         grad_loss=grad_loss,

@@ -35,7 +35,7 @@ def sparse_masked_mae_tokens(y_true_ids, y_pred, tokens):
     tokens = masked_token_list(None, None, tokens)
     if in_xla_context():
         return reference_sparse_masked_mae(y_true_ids, y_pred, tokens=tokens)
-    return ops_library.fused_masked_mae_sparse_masked_mae(
+    return ops_library.import_fused_masked_mae_sparse_masked_mae(
         y_true_ids=y_true_ids, y_pred=y_pred, masked_tokens=tokens
     )
 
@@ -67,10 +67,10 @@ def reference_sparse_masked_mae(y_true_ids, y_pred, start_token=None, end_token=
     )
 
 
-@tf.RegisterGradient("FusedMaskedMae>SparseMaskedMae")
+@tf.RegisterGradient("Import_fused_masked_mae>SparseMaskedMae")
 def _sparse_masked_mae_grad(op, grad_loss):
     y_true_ids, y_pred = op.inputs
-    grad_y_pred = ops_library.fused_masked_mae_sparse_masked_mae_grad(
+    grad_y_pred = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
         y_true_ids=y_true_ids,
         y_pred=y_pred,
         grad_loss=grad_loss,
