@@ -146,23 +146,30 @@ def test_core_releases_the_gil(which):
     """While one thread is inside core.forward / core.gradient on a large input,
     another thread keeps running Python code. (If the call held the GIL, the
     main thread would stall for the whole call.)"""
-    rows, num_classes = {"forward": 40000, "gradient": 6000}[which], 1549
-    ids = (np.arange(rows) % 3).astype(np.int32)
-    y_pred = np.full((rows, num_classes), 0.25, np.float16)
-    y_pred[::2, 0] = 1.0
-    grad_loss = np.ones(rows, np.float16)
-    if which == "forward":
-        def call():
-            return core.forward(ids, y_pred, [0], sparse=True)
-    else:
-        def call():
-            return core.gradient(ids, y_pred, grad_loss, [0], sparse=True)
-    call()  # warm up
-    start = time.perf_counter()
-    expected = call()
-    alone = time.perf_counter() - start
-    if alone < 0.05:
-        pytest.skip(f"core.{which} took {alone:.3f} s: too fast to observe the GIL")
+    num_classes = 1549
+
+    def make_call(rows):
+        ids = (np.arange(rows) % 3).astype(np.int32)
+        y_pred = np.full((rows, num_classes), 0.25, np.float16)
+        y_pred[::2, 0] = 1.0
+        grad_loss = np.ones(rows, np.float16)
+        if which == "forward":
+            return lambda: core.forward(ids, y_pred, [0], sparse=True)
+        return lambda: core.gradient(ids, y_pred, grad_loss, [0], sparse=True)
+
+    # Grow the input until one call lasts long enough to observe a stall
+    # (the kernels are fast: a fixed size would make this test skip).
+    rows = 8192
+    while True:
+        call = make_call(rows)
+        call()  # warm up
+        start = time.perf_counter()
+        expected = call()
+        alone = time.perf_counter() - start
+        if alone >= 0.1 or rows >= 262144:
+            break
+        rows *= 2
+    assert alone >= 0.05, f"core.{which} on {rows} rows took only {alone:.3f} s"
 
     def max_stall_during_call():
         done = threading.Event()
