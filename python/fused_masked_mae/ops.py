@@ -16,7 +16,6 @@ from fused_masked_mae.tokens import MAX_MASKED_TOKENS, masked_token_list  # noqa
 _FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
-
 def _check_inputs(y_true, y_pred):
     y_true = tf.convert_to_tensor(y_true)
     y_pred = tf.convert_to_tensor(y_pred)
