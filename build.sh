@@ -200,8 +200,7 @@ sanitize_suite() {
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" TF_CPP_MIN_LOG_LEVEL=2)
   log "sanitized test suite"
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_op_gradients.py" \
-    "$ROOT/tests/test_op_errors.py" "$ROOT/tests/test_parity.py" "$ROOT/tests/test_gradients.py" \
+    "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_parity.py" "$ROOT/tests/test_gradients.py" \
     "$ROOT/tests/test_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py" \
     "$ROOT/tests/test_properties.py")
   log "raw-op fuzzer (${FUZZ_CASES:-2000} cases)"

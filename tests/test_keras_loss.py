@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import fused_masked_mae as fm
+from test_op_parity import seq2seq_batch
 
 VOCAB, START, END, STEPS = 12, 1, 11, 6
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None]
@@ -193,3 +194,10 @@ def test_keras_file_round_trip(tmp_path):
     before = loaded.evaluate(x, y, verbose=0)
     loaded.fit(x, y, epochs=2, verbose=0)  # the restored loss trains too
     assert loaded.evaluate(x, y, verbose=0) != before
+
+
+def test_integer_one_hot_targets_are_cast():
+    y_true, y_pred = seq2seq_batch((2, 3, 5), tf.float32, 0, 4)
+    loss = fm.MaskedMAE(0, 4)
+    np.testing.assert_allclose(loss(tf.cast(y_true, tf.int32), y_pred).numpy(),
+                               loss(y_true, y_pred).numpy())
