@@ -129,16 +129,6 @@ def test_graph_mode_matches_eager():
     assert unknown.get_concrete_function().structured_outputs.shape.rank is None
 
 
-def test_static_shape_inference():
-    @tf.function(input_signature=[tf.TensorSpec([None, 7, 5]), tf.TensorSpec([3, None, 5])])
-    def f(t, p):
-        out = fm.masked_mae(t, p, 0, 4)
-        assert out.shape.as_list() == [3, 7], out.shape
-        return out
-
-    f.get_concrete_function()
-
-
 def test_deterministic_and_thread_count_independent():
     y_true, y_pred = seq2seq_batch((16, 64, 1549), tf.float32, 0, 1548)
     first = fm.masked_mae(y_true, y_pred, 0, 1548).numpy().tobytes()

@@ -50,17 +50,17 @@ def test_equals_dense_on_one_hot_bit_for_bit(shape, num_classes, dtype, id_dtype
     )
 
 
+def sparse_loss_and_grad(ids, y_pred):
+    with tf.GradientTape() as tape:
+        tape.watch(y_pred)
+        loss = fm.sparse_masked_mae(ids, y_pred, 1, 8)
+    return loss, tape.gradient(loss, y_pred)
+
+
 def test_tf_function_with_unknown_shapes():
     ids, y_pred = make((4, 6), 9, tf.float32)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32),
-                                  tf.TensorSpec([None, None, None], tf.float32)])
-    def loss_and_grad(i, p):
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            loss = fm.sparse_masked_mae(i, p, 1, 8)
-        return loss, tape.gradient(loss, p)
-
+    loss_and_grad = tf.function(sparse_loss_and_grad, input_signature=[
+        tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None, None], tf.float32)])
     loss, grad = loss_and_grad(ids, y_pred)
     dense = fm.masked_mae(tf.one_hot(ids, 9), y_pred, 1, 8)
     np.testing.assert_array_equal(loss.numpy(), dense.numpy())
@@ -136,17 +136,7 @@ def test_empty_batch():
 
 def test_sparse_loss_under_xla_falls_back_to_the_composite():
     ids, y_pred = make((4, 6), 9, tf.float32)
-
-    @tf.function(jit_compile=True)
-    def loss_and_grad(i, p):
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            loss = fm.sparse_masked_mae(i, p, 1, 8)
-        return loss, tape.gradient(loss, p)
-
-    loss, grad = loss_and_grad(ids, y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(y_pred)
-        eager = fm.sparse_masked_mae(ids, y_pred, 1, 8)
+    loss, grad = tf.function(sparse_loss_and_grad, jit_compile=True)(ids, y_pred)
+    eager, eager_grad = sparse_loss_and_grad(ids, y_pred)
     np.testing.assert_allclose(loss.numpy(), eager.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(grad.numpy(), tape.gradient(eager, y_pred).numpy(), atol=1e-7)
+    np.testing.assert_allclose(grad.numpy(), eager_grad.numpy(), atol=1e-7)
