@@ -16,30 +16,31 @@
 namespace fused_masked_mae {
 
 // T is float, double, __half or __nv_bfloat16. Launches nothing for rows == 0.
+// The forward writes each row's keep byte to row_keep (may be null); the
+// gradient reads it back instead of re-deriving the argmaxes.
 // Returns the launch status (asynchronous execution errors surface later on
 // the stream, as for any CUDA kernel).
 template <typename T>
 cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
                                    int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
-                                   cudaStream_t stream);
+                                   uint8_t* row_keep, cudaStream_t stream);
 
 template <typename T>
-cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad_loss,
-                                    int64_t rows, int64_t num_classes,
-                                    const MaskedTokenSet& tokens, T* grad_y_pred,
-                                    cudaStream_t stream);
+cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const uint8_t* row_keep,
+                                    const T* grad_loss, int64_t rows, int64_t num_classes,
+                                    T* grad_y_pred, cudaStream_t stream);
 
 // The sparse loss: y_true_ids [rows] (int32 or int64) stands for one_hot(ids).
 // An id outside [0, num_classes) gives a NaN loss and a NaN gradient row.
 template <typename T, typename Id>
 cudaError_t LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
                                          int64_t num_classes, const MaskedTokenSet& tokens,
-                                         T* loss, cudaStream_t stream);
+                                         T* loss, uint8_t* row_keep, cudaStream_t stream);
 
 template <typename T, typename Id>
 cudaError_t LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
-                                          const T* grad_loss, int64_t rows, int64_t num_classes,
-                                          const MaskedTokenSet& tokens, T* grad_y_pred,
+                                          const uint8_t* row_keep, const T* grad_loss,
+                                          int64_t rows, int64_t num_classes, T* grad_y_pred,
                                           cudaStream_t stream);
 
 }  // namespace fused_masked_mae

@@ -57,6 +57,7 @@ struct KernelParams {
   const T* y_pred;
   const T* grad_loss;  // gradient kernel only
   T* out;              // loss [rows] or grad_y_pred [rows, num_classes]
+  uint8_t* row_keep;   // forward: written when not null; gradient: read
   int64_t rows;
   int64_t num_classes;
   MaskedTokenSet tokens;
@@ -242,24 +243,29 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads)
     bool vector_ok = TargetAligned(t) && Aligned16(p);
     if (kGradient) vector_ok = vector_ok && Aligned16(params.out + offset);
 
+    const Acc nan = Acc(NAN);
+    if constexpr (kGradient) {
+      // One streaming pass: the forward saved the row's keep byte.
+      if (valid) {
+        const Acc scale = RowGradientScale(params.grad_loss[row],
+                                           KeepFromByte<Acc>(params.row_keep[row]), num_classes);
+        WriteLaneGradient(t, p, params.out + offset, num_classes, vector_ok, lane, group, scale);
+      } else if (in_range) {
+        for (int64_t i = lane; i < num_classes; i += group) {
+          params.out[offset + i] = static_cast<T>(nan);
+        }
+      }
+      continue;
+    }
+
     RowPartial<Acc> part = valid
                                ? ScanLaneChunks(t, p, num_classes, vector_ok, lane, group, lowest)
                                : RowPartial<Acc>::Empty(lowest);
     part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, lowest);
-    if (!in_range) continue;
-
-    const Acc nan = Acc(NAN);
-    if (!kGradient) {
-      if (lane == 0) {
-        params.out[row] = static_cast<T>(valid ? RowLoss(part, params.tokens, num_classes) : nan);
-      }
-    } else if (valid) {
-      const Acc scale =
-          RowGradientScale(params.grad_loss[row], KeepFactor(part, params.tokens), num_classes);
-      WriteLaneGradient(t, p, params.out + offset, num_classes, vector_ok, lane, group, scale);
-    } else {
-      for (int64_t i = lane; i < num_classes; i += group) params.out[offset + i] = static_cast<T>(nan);
-    }
+    if (!in_range || lane != 0) continue;
+    const Acc keep = KeepFactor(part, params.tokens);
+    params.out[row] = static_cast<T>(valid ? MaskedMean(keep, part.abs_diff_sum, num_classes) : nan);
+    if (params.row_keep != nullptr) params.row_keep[row] = KeepByte(keep);
   }
 }
 
@@ -309,49 +315,52 @@ cudaError_t Launch(const KernelParams<T, Targets>& params, cudaStream_t stream) 
 template <typename T>
 cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
                                    int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
-                                   cudaStream_t stream) {
+                                   uint8_t* row_keep, cudaStream_t stream) {
   return Launch<T, DenseTargets<T>, false>(
-      {{y_true}, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
+      {{y_true}, y_pred, nullptr, loss, row_keep, rows, num_classes, tokens}, stream);
 }
 
 template <typename T>
-cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad_loss,
-                                    int64_t rows, int64_t num_classes,
-                                    const MaskedTokenSet& tokens, T* grad_y_pred,
-                                    cudaStream_t stream) {
-  return Launch<T, DenseTargets<T>, true>(
-      {{y_true}, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens}, stream);
+cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const uint8_t* row_keep,
+                                    const T* grad_loss, int64_t rows, int64_t num_classes,
+                                    T* grad_y_pred, cudaStream_t stream) {
+  return Launch<T, DenseTargets<T>, true>({{y_true}, y_pred, grad_loss, grad_y_pred,
+                                           const_cast<uint8_t*>(row_keep), rows, num_classes,
+                                           MaskedTokenSet{}},
+                                          stream);
 }
 
 template <typename T, typename Id>
 cudaError_t LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
                                          int64_t num_classes, const MaskedTokenSet& tokens,
-                                         T* loss, cudaStream_t stream) {
+                                         T* loss, uint8_t* row_keep, cudaStream_t stream) {
   return Launch<T, SparseTargets<Id>, false>(
-      {{y_true_ids}, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
+      {{y_true_ids}, y_pred, nullptr, loss, row_keep, rows, num_classes, tokens}, stream);
 }
 
 template <typename T, typename Id>
 cudaError_t LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
-                                          const T* grad_loss, int64_t rows, int64_t num_classes,
-                                          const MaskedTokenSet& tokens, T* grad_y_pred,
+                                          const uint8_t* row_keep, const T* grad_loss,
+                                          int64_t rows, int64_t num_classes, T* grad_y_pred,
                                           cudaStream_t stream) {
-  return Launch<T, SparseTargets<Id>, true>(
-      {{y_true_ids}, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens}, stream);
+  return Launch<T, SparseTargets<Id>, true>({{y_true_ids}, y_pred, grad_loss, grad_y_pred,
+                                             const_cast<uint8_t*>(row_keep), rows, num_classes,
+                                             MaskedTokenSet{}},
+                                            stream);
 }
 
 #define INSTANTIATE_SPARSE(T, Id)                                                              \
   template cudaError_t LaunchSparseMaskedMaeForward<T, Id>(                                   \
-      const Id*, const T*, int64_t, int64_t, const MaskedTokenSet&, T*, cudaStream_t);       \
-  template cudaError_t LaunchSparseMaskedMaeGradient<T, Id>(const Id*, const T*, const T*,   \
-                                                            int64_t, int64_t,                \
-                                                            const MaskedTokenSet&, T*,       \
-                                                            cudaStream_t);
+      const Id*, const T*, int64_t, int64_t, const MaskedTokenSet&, T*, uint8_t*,            \
+      cudaStream_t);                                                                          \
+  template cudaError_t LaunchSparseMaskedMaeGradient<T, Id>(                                  \
+      const Id*, const T*, const uint8_t*, const T*, int64_t, int64_t, T*, cudaStream_t);
 #define INSTANTIATE(T)                                                                       \
   template cudaError_t LaunchMaskedMaeForward<T>(const T*, const T*, int64_t, int64_t,       \
-                                                 const MaskedTokenSet&, T*, cudaStream_t);   \
-  template cudaError_t LaunchMaskedMaeGradient<T>(const T*, const T*, const T*, int64_t,     \
-                                                  int64_t, const MaskedTokenSet&, T*,        \
+                                                 const MaskedTokenSet&, T*, uint8_t*,        \
+                                                 cudaStream_t);                              \
+  template cudaError_t LaunchMaskedMaeGradient<T>(const T*, const T*, const uint8_t*,        \
+                                                  const T*, int64_t, int64_t, T*,            \
                                                   cudaStream_t);                             \
   INSTANTIATE_SPARSE(T, int32_t)                                                             \
   INSTANTIATE_SPARSE(T, int64_t)
