@@ -32,6 +32,10 @@ JOBS="${JOBS:-$(nproc)}"
 OP_LIBRARY_SOURCES=(cc/ops/masked_mae_ops.cc cc/kernels/masked_mae_kernels.cc)
 # The CPU launchers (no TensorFlow headers), linked into both libraries.
 CPU_SOURCE=cc/kernels/masked_mae_cpu.cc
+# XLA FFI handlers (custom calls under jit_compile), in the op library; the
+# CUDA ones compile to nothing without GOOGLE_CUDA. They need
+# libtensorflow_cc.so.2 (the FFI API).
+XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc)
 CUDA_SOURCE=cc/kernels/masked_mae_kernels.cu.cc
 CORE_SOURCE=cc/core/core_module.cc
 # sm_75..sm_90 as machine code (CUDA 13's oldest to Hopper), plus PTX of the
@@ -151,6 +155,13 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   compile "$cpu_obj_core" "$ROOT/$CPU_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
     -c "$ROOT/$CPU_SOURCE" -o "$cpu_obj_core"
   op_objs+=("$cpu_obj_ops")
+  # XLA's FFI headers (api.h) trip g++'s -Wreturn-type on exhaustive switches.
+  for src in "${XLA_FFI_SOURCES[@]}"; do
+    local xla_obj="$BUILD_DIR/$(basename "${src%.cc}").o"
+    compile "$xla_obj" "$ROOT/$src" g++ "${host_flags[@]}" "${tf_extra[@]}" "${tf_flags[@]}" \
+      -Wno-return-type "${cuda_defs[@]}" -c "$ROOT/$src" -o "$xla_obj"
+    op_objs+=("$xla_obj")
+  done
   local core_obj="$BUILD_DIR/core_module.o"
   compile "$core_obj" "$ROOT/$CORE_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
     -fvisibility=hidden $("$py" -m pybind11 --includes) "${cuda_defs[@]}" \
@@ -160,7 +171,7 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   # meanwhile sees the old or the new library, never half of one.
   log "linking _masked_mae_ops.so (TensorFlow $tf_version) and _core (CUDA: $cuda_enabled)"
   g++ -shared "${tf_extra[@]}" -o "$BUILD_DIR/_masked_mae_ops.so" "${op_objs[@]}" "${cuda_objs[@]}" \
-    "${cuda_libs[@]}" $tf_lflags -Wl,--exclude-libs,ALL -Wl,--no-undefined
+    "${cuda_libs[@]}" $tf_lflags -l:libtensorflow_cc.so.2 -Wl,--exclude-libs,ALL -Wl,--no-undefined
   g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "$cpu_obj_core" \
     "${cuda_objs[@]}" "${cuda_libs[@]}" \
     -Wl,--exclude-libs,ALL
