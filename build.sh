@@ -6,7 +6,7 @@
 #   ./build.sh            set-up and build; the wheel lands in dist/
 #   ./build.sh demo       ... then run the seq2seq demo (examples/), quick mode
 #   ./build.sh test       ... then run the whole test suite
-#   ./build.sh bench      ... then run the benchmarks (benchmarks/)
+#   ./build.sh bench      ... then run the benchmarks (benchmarks/: CPU, then XLA)
 #   ./build.sh sanitize   ... then build CPU-only ASan+UBSan libraries into
 #                         build/sanitize/ and run the op tests, the raw-op fuzzer
 #                         and a planted-bug self-check under them
@@ -224,7 +224,7 @@ sanitize_suite() {
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_parity.py" "$ROOT/tests/test_gradients.py" \
     "$ROOT/tests/test_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py" \
-    "$ROOT/tests/test_properties.py")
+    "$ROOT/tests/test_properties.py" "$ROOT/tests/test_xla.py" -k "not keras_fit and not saved_model")
   log "raw-op fuzzer (${FUZZ_CASES:-2000} cases)"
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" "$ROOT/tests/fuzz_raw_ops.py" --cases "${FUZZ_CASES:-2000}")
   log "planted-bug self-check: a test-only build that reads past y_pred must be reported"
@@ -263,7 +263,10 @@ case "$MODE" in
   build) ;;
   demo) (cd /tmp && "$VENV/bin/python" "$ROOT/examples/seq2seq_demo.py" "$@") ;;
   test) "$VENV/bin/python" -m pytest "$ROOT/tests" "$@" ;;
-  bench) "$VENV/bin/python" "$ROOT/benchmarks/bench_masked_mae.py" "$@" ;;
+  bench)
+    "$VENV/bin/python" "$ROOT/benchmarks/bench_masked_mae.py" "$@"
+    "$VENV/bin/python" "$ROOT/benchmarks/bench_xla.py"
+    ;;
   sanitize) sanitize_suite ;;
   *)
     echo "usage: $0 [build|demo|test|bench|sanitize] [args...]" >&2

@@ -113,6 +113,36 @@ ffi::Error ValidateLike(const ffi::AnyBuffer& buffer, const char* name,
   return ffi::Error::Success();
 }
 
+ffi::ErrorOr<ForwardCall> ValidateForward(const ffi::AnyBuffer& y_true,
+                                          const ffi::AnyBuffer& y_pred,
+                                          ffi::Span<const int64_t> masked_tokens,
+                                          const ffi::AnyBuffer& loss,
+                                          const ffi::AnyBuffer& row_keep, bool sparse) {
+  const auto geometry = ValidateInputs(y_true, y_pred, sparse);
+  if (geometry.has_error()) return ffi::Unexpected<ffi::Error>(geometry.error());
+  const auto tokens = ValidateTokens(masked_tokens, geometry.value().num_classes);
+  if (tokens.has_error()) return ffi::Unexpected<ffi::Error>(tokens.error());
+  for (auto e : {ValidateLike(loss, "loss", y_pred, true, y_pred.element_type()),
+                 ValidateLike(row_keep, "row_keep", y_pred, true, ffi::DataType::U8)}) {
+    if (e.failure()) return ffi::Unexpected<ffi::Error>(e);
+  }
+  return ForwardCall{geometry.value(), tokens.value()};
+}
+
+ffi::ErrorOr<RowGeometry> ValidateGrad(const ffi::AnyBuffer& y_true, const ffi::AnyBuffer& y_pred,
+                                       const ffi::AnyBuffer& row_keep,
+                                       const ffi::AnyBuffer& grad_loss,
+                                       const ffi::AnyBuffer& grad_y_pred, bool sparse) {
+  const auto geometry = ValidateInputs(y_true, y_pred, sparse);
+  if (geometry.has_error()) return geometry;
+  for (auto e : {ValidateLike(row_keep, "row_keep", y_pred, true, ffi::DataType::U8),
+                 ValidateLike(grad_loss, "grad_loss", y_pred, true, y_pred.element_type()),
+                 ValidateLike(grad_y_pred, "grad_y_pred", y_pred, false, y_pred.element_type())}) {
+    if (e.failure()) return ffi::Unexpected<ffi::Error>(e);
+  }
+  return geometry;
+}
+
 namespace {
 
 std::mutex& RegistryMutex() {
@@ -124,8 +154,6 @@ std::vector<std::string>& RegistryLines() {
   static auto* lines = new std::vector<std::string>;
   return *lines;
 }
-
-}  // namespace
 
 void RegisterHandler(const char* target, const char* platform, XLA_FFI_Handler* handler) {
   std::string line = std::string(platform) + " " + target;
@@ -141,6 +169,17 @@ void RegisterHandler(const char* target, const char* platform, XLA_FFI_Handler* 
   }
   std::lock_guard<std::mutex> lock(RegistryMutex());
   RegistryLines().push_back(line);
+}
+
+}  // namespace
+
+void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
+                      XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
+                      XLA_FFI_Handler* sparse_grad) {
+  RegisterHandler(kForwardTarget, platform, forward);
+  RegisterHandler(kSparseForwardTarget, platform, sparse_forward);
+  RegisterHandler(kGradTarget, platform, grad);
+  RegisterHandler(kSparseGradTarget, platform, sparse_grad);
 }
 
 std::string RegistrationReport() {

@@ -56,6 +56,47 @@ ffi::ErrorOr<MaskedTokenSet> ValidateTokens(ffi::Span<const int64_t> ids, int64_
 ffi::Error ValidateLike(const ffi::AnyBuffer& buffer, const char* name,
                         const ffi::AnyBuffer& y_pred, bool per_row, ffi::DataType dtype);
 
+// Everything a forward handler checks: inputs, tokens, and the loss/row_keep
+// outputs; returns the row view and the token set.
+struct ForwardCall {
+  RowGeometry geometry;
+  MaskedTokenSet tokens;
+};
+ffi::ErrorOr<ForwardCall> ValidateForward(const ffi::AnyBuffer& y_true,
+                                          const ffi::AnyBuffer& y_pred,
+                                          ffi::Span<const int64_t> masked_tokens,
+                                          const ffi::AnyBuffer& loss,
+                                          const ffi::AnyBuffer& row_keep, bool sparse);
+
+// Everything a gradient handler checks: inputs, row_keep, grad_loss, output.
+ffi::ErrorOr<RowGeometry> ValidateGrad(const ffi::AnyBuffer& y_true, const ffi::AnyBuffer& y_pred,
+                                       const ffi::AnyBuffer& row_keep,
+                                       const ffi::AnyBuffer& grad_loss,
+                                       const ffi::AnyBuffer& grad_y_pred, bool sparse);
+
+// The handlers' signatures; Context is the platform's (thread pool, stream).
+template <typename Context>
+auto BindForward() {
+  return ffi::Ffi::Bind()
+      .Ctx<Context>()
+      .template Arg<ffi::AnyBuffer>()  // y_true or y_true_ids
+      .template Arg<ffi::AnyBuffer>()  // y_pred
+      .template Attr<ffi::Span<const int64_t>>("masked_tokens")
+      .template Ret<ffi::AnyBuffer>()   // loss
+      .template Ret<ffi::AnyBuffer>();  // row_keep
+}
+
+template <typename Context>
+auto BindGrad() {
+  return ffi::Ffi::Bind()
+      .Ctx<Context>()
+      .template Arg<ffi::AnyBuffer>()   // y_true or y_true_ids
+      .template Arg<ffi::AnyBuffer>()   // y_pred
+      .template Arg<ffi::AnyBuffer>()   // row_keep
+      .template Arg<ffi::AnyBuffer>()   // grad_loss
+      .template Ret<ffi::AnyBuffer>();  // grad_y_pred
+}
+
 // Calls fn(T{}) for y_pred's float dtype, with Half/BFloat16 standing for the
 // 16-bit types (host or CUDA types of the same bit layout).
 template <typename Half, typename BFloat16, typename Fn>
@@ -87,9 +128,11 @@ ffi::Error DispatchTargets(const ffi::AnyBuffer& y_true, Fn&& fn) {
   }
 }
 
-// Registers `handler` as `target` for `platform` and records the outcome for
+// Registers the four handlers of `platform` and records each outcome for
 // RegistrationReport(). Called from static initializers.
-void RegisterHandler(const char* target, const char* platform, XLA_FFI_Handler* handler);
+void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
+                      XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
+                      XLA_FFI_Handler* sparse_grad);
 
 // One line per registration: "<platform> <target> ok" or
 // "<platform> <target> error: <message>".

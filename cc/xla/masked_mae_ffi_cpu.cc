@@ -26,7 +26,8 @@ constexpr int64_t kMinCyclesPerShard = 50000;
 ParallelFor PoolFor(ffi::ThreadPool* pool) {
   return [pool](int64_t rows, int64_t cost_per_row, const RowRangeBody& body) {
     const int64_t threads = std::max<int64_t>(1, pool->num_threads());
-    const int64_t min_rows = std::max<int64_t>(1, kMinCyclesPerShard / std::max<int64_t>(1, cost_per_row));
+    const int64_t min_rows =
+        std::max<int64_t>(1, kMinCyclesPerShard / std::max<int64_t>(1, cost_per_row));
     const int64_t shards = std::min(threads, (rows + min_rows - 1) / min_rows);
     if (shards <= 1) {
       if (rows > 0) body(0, rows);
@@ -79,18 +80,10 @@ template <bool kSparse>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                    ffi::Span<const int64_t> masked_tokens, ffi::Result<ffi::AnyBuffer> loss,
                    ffi::Result<ffi::AnyBuffer> row_keep) {
-  const auto geometry = ValidateInputs(y_true, y_pred, kSparse);
-  if (geometry.has_error()) return geometry.error();
-  const auto [rows, num_classes] = geometry.value();
-  const auto tokens = ValidateTokens(masked_tokens, num_classes);
-  if (tokens.has_error()) return tokens.error();
-  if (auto e = ValidateLike(*loss, "loss", y_pred, true, y_pred.element_type()); e.failure()) {
-    return e;
-  }
-  if (auto e = ValidateLike(*row_keep, "row_keep", y_pred, true, ffi::DataType::U8);
-      e.failure()) {
-    return e;
-  }
+  const auto call = ValidateForward(y_true, y_pred, masked_tokens, *loss, *row_keep, kSparse);
+  if (call.has_error()) return call.error();
+  const auto [rows, num_classes] = call.value().geometry;
+  const MaskedTokenSet& tokens = call.value().tokens;
   return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
     using T = decltype(zero);
     return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
@@ -98,7 +91,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y
         if (auto e = ValidateIds(targets, rows, num_classes); e.failure()) return e;
       }
       CpuMaskedMaeForward(targets, static_cast<const T*>(y_pred.untyped_data()), rows,
-                          num_classes, tokens.value(), static_cast<T*>(loss->untyped_data()),
+                          num_classes, tokens, static_cast<T*>(loss->untyped_data()),
                           static_cast<uint8_t*>(row_keep->untyped_data()), PoolFor(&pool));
       return ffi::Error::Success();
     });
@@ -109,15 +102,10 @@ template <bool kSparse>
 ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                 ffi::AnyBuffer row_keep, ffi::AnyBuffer grad_loss,
                 ffi::Result<ffi::AnyBuffer> grad_y_pred) {
-  const auto geometry = ValidateInputs(y_true, y_pred, kSparse);
+  const auto geometry =
+      ValidateGrad(y_true, y_pred, row_keep, grad_loss, *grad_y_pred, kSparse);
   if (geometry.has_error()) return geometry.error();
   const auto [rows, num_classes] = geometry.value();
-  for (auto e : {ValidateLike(row_keep, "row_keep", y_pred, true, ffi::DataType::U8),
-                 ValidateLike(grad_loss, "grad_loss", y_pred, true, y_pred.element_type()),
-                 ValidateLike(*grad_y_pred, "grad_y_pred", y_pred, false,
-                              y_pred.element_type())}) {
-    if (e.failure()) return e;
-  }
   return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
     using T = decltype(zero);
     return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
@@ -133,39 +121,23 @@ ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pr
   });
 }
 
-auto BindForward() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Attr<ffi::Span<const int64_t>>("masked_tokens")
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
-}
-
-auto BindGrad() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardHost, Forward<false>, BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardHost, Forward<true>, BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradHost, Grad<false>, BindGrad());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradHost, Grad<true>, BindGrad());
+using HostContext = ffi::ThreadPool;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardHost, Forward<false>,
+                              BindForward<HostContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardHost, Forward<true>,
+                              BindForward<HostContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradHost, Grad<false>,
+                              BindGrad<HostContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradHost, Grad<true>,
+                              BindGrad<HostContext>());
 
 namespace {
 const bool kRegistered = [] {
-  RegisterHandler(kForwardTarget, "Host", FusedMaskedMaeForwardHost);
-  RegisterHandler(kSparseForwardTarget, "Host", FusedMaskedMaeSparseForwardHost);
-  RegisterHandler(kGradTarget, "Host", FusedMaskedMaeGradHost);
-  RegisterHandler(kSparseGradTarget, "Host", FusedMaskedMaeSparseGradHost);
+  RegisterHandlers("Host", FusedMaskedMaeForwardHost, FusedMaskedMaeSparseForwardHost,
+                   FusedMaskedMaeGradHost, FusedMaskedMaeSparseGradHost);
   return true;
 }();
 }  // namespace

@@ -22,15 +22,10 @@ template <bool kSparse>
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                    ffi::Span<const int64_t> masked_tokens, ffi::Result<ffi::AnyBuffer> loss,
                    ffi::Result<ffi::AnyBuffer> row_keep) {
-  const auto geometry = ValidateInputs(y_true, y_pred, kSparse);
-  if (geometry.has_error()) return geometry.error();
-  const auto [rows, num_classes] = geometry.value();
-  const auto tokens = ValidateTokens(masked_tokens, num_classes);
-  if (tokens.has_error()) return tokens.error();
-  for (auto e : {ValidateLike(*loss, "loss", y_pred, true, y_pred.element_type()),
-                 ValidateLike(*row_keep, "row_keep", y_pred, true, ffi::DataType::U8)}) {
-    if (e.failure()) return e;
-  }
+  const auto call = ValidateForward(y_true, y_pred, masked_tokens, *loss, *row_keep, kSparse);
+  if (call.has_error()) return call.error();
+  const auto [rows, num_classes] = call.value().geometry;
+  const MaskedTokenSet& tokens = call.value().tokens;
   if (rows == 0) return ffi::Error::Success();
   return DispatchFloat<__half, __nv_bfloat16>(y_pred.element_type(), [&](auto zero) {
     using T = decltype(zero);
@@ -40,10 +35,10 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_
       uint8_t* keep = static_cast<uint8_t*>(row_keep->untyped_data());
       if constexpr (kSparse) {
         return LaunchError(LaunchSparseMaskedMaeForward(targets, p, rows, num_classes,
-                                                        tokens.value(), out, keep, stream),
+                                                        tokens, out, keep, stream),
                            "sparse masked MAE forward");
       } else {
-        return LaunchError(LaunchMaskedMaeForward(targets, p, rows, num_classes, tokens.value(),
+        return LaunchError(LaunchMaskedMaeForward(targets, p, rows, num_classes, tokens,
                                                   out, keep, stream),
                            "masked MAE forward");
       }
@@ -55,15 +50,10 @@ template <bool kSparse>
 ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                 ffi::AnyBuffer row_keep, ffi::AnyBuffer grad_loss,
                 ffi::Result<ffi::AnyBuffer> grad_y_pred) {
-  const auto geometry = ValidateInputs(y_true, y_pred, kSparse);
+  const auto geometry =
+      ValidateGrad(y_true, y_pred, row_keep, grad_loss, *grad_y_pred, kSparse);
   if (geometry.has_error()) return geometry.error();
   const auto [rows, num_classes] = geometry.value();
-  for (auto e : {ValidateLike(row_keep, "row_keep", y_pred, true, ffi::DataType::U8),
-                 ValidateLike(grad_loss, "grad_loss", y_pred, true, y_pred.element_type()),
-                 ValidateLike(*grad_y_pred, "grad_y_pred", y_pred, false,
-                              y_pred.element_type())}) {
-    if (e.failure()) return e;
-  }
   if (rows == 0) return ffi::Error::Success();
   return DispatchFloat<__half, __nv_bfloat16>(y_pred.element_type(), [&](auto zero) {
     using T = decltype(zero);
@@ -85,39 +75,23 @@ ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pre
   });
 }
 
-auto BindForward() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Attr<ffi::Span<const int64_t>>("masked_tokens")
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
-}
-
-auto BindGrad() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardCuda, Forward<false>, BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardCuda, Forward<true>, BindForward());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradCuda, Grad<false>, BindGrad());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradCuda, Grad<true>, BindGrad());
+using CudaContext = ffi::PlatformStream<cudaStream_t>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardCuda, Forward<false>,
+                              BindForward<CudaContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardCuda, Forward<true>,
+                              BindForward<CudaContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradCuda, Grad<false>,
+                              BindGrad<CudaContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradCuda, Grad<true>,
+                              BindGrad<CudaContext>());
 
 namespace {
 const bool kRegistered = [] {
-  RegisterHandler(kForwardTarget, "CUDA", FusedMaskedMaeForwardCuda);
-  RegisterHandler(kSparseForwardTarget, "CUDA", FusedMaskedMaeSparseForwardCuda);
-  RegisterHandler(kGradTarget, "CUDA", FusedMaskedMaeGradCuda);
-  RegisterHandler(kSparseGradTarget, "CUDA", FusedMaskedMaeSparseGradCuda);
+  RegisterHandlers("CUDA", FusedMaskedMaeForwardCuda, FusedMaskedMaeSparseForwardCuda,
+                   FusedMaskedMaeGradCuda, FusedMaskedMaeSparseGradCuda);
   return true;
 }();
 }  // namespace

@@ -138,12 +138,14 @@ def _module(target, args, results, backend_config):
     params = [f"%arg{i}: {t}" for i, t in enumerate(arg_types)]
     if len(platforms) > 1:  # XlaCallModule passes the platform index first
         params.insert(0, "%platform_index: tensor<i32>")
-    body, operands, operand_types, extra = [], [f"%arg{i}" for i in range(len(args))], list(
-        arg_types), ""
+    body, extra = [], ""
+    operands = [f"%arg{i}" for i in range(len(args))]
+    operand_types = list(arg_types)
     dynamic = any(None in d for d, _ in args)
     if dynamic:
         body += [
-            f"%rows = stablehlo.get_dimension_size %arg1, dim = 0 : ({arg_types[1]}) -> tensor<i32>",
+            f"%rows = stablehlo.get_dimension_size %arg1, dim = 0 : ({arg_types[1]}) -> "
+            "tensor<i32>",
             "%rows1 = stablehlo.reshape %rows : (tensor<i32>) -> tensor<1xi32>",
         ]
         shape_indices = []
