@@ -78,23 +78,7 @@ ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pre
 }  // namespace
 
 using CudaContext = ffi::PlatformStream<cudaStream_t>;
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardCuda, Forward<false>,
-                              BindForward<CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardCuda, Forward<true>,
-                              BindForward<CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradCuda, Grad<false>,
-                              BindGrad<CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradCuda, Grad<true>,
-                              BindGrad<CudaContext>());
-
-namespace {
-const bool kRegistered = [] {
-  RegisterHandlers("CUDA", FusedMaskedMaeForwardCuda, FusedMaskedMaeSparseForwardCuda,
-                   FusedMaskedMaeGradCuda, FusedMaskedMaeSparseGradCuda);
-  return true;
-}();
-}  // namespace
+FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS("CUDA", Cuda, CudaContext);
 
 }  // namespace fused_masked_mae::xla_ffi
 
