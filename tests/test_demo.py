@@ -195,5 +195,8 @@ def test_conclusion_is_written_from_the_numbers(demo):
     assert "Best MAE-based configuration: fix3" in text
     assert "the best MAE-based setup beats cross-entropy here" in text
     results["cce"] = result(0.6, 0.9, 0.8)
+    results["fix3"] = result(0.01, 0.03, 0.0)
     text = "\n".join(demo.conclusion(results, 0.6))
     assert "cross-entropy learns the task better than every MAE-based setup here" in text
+    assert "fix3: END share 0.010" in text and "almost never predicts END" in text
+    assert "Best MAE-based configuration: fix3" in text and "even it learns almost no tokens" in text
