@@ -18,7 +18,7 @@ import pytest
 
 DEMO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "seq2seq_demo.py"
 CONFIGS = ["mae", "fix1", "fix2", "fix3", "fix1+3", "fix2+3", "cce", "cce+fix1"]
-QUICK_EPOCHS = 8
+QUICK_EPOCHS = 7
 TABLE_HEADER = "| config | setup | END share | non-END acc | exact | final loss | s/epoch (median) |"
 
 
