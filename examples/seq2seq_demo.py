@@ -64,7 +64,7 @@ are compiled with jit_compile=False, so MaskedMAE runs the fused op on every
 device (under XLA it would build the composite of plain ops instead).
 
 Run (the package installed, or PYTHONPATH pointing at it):
-    python examples/seq2seq_demo.py              # default: vocab 300, 10000 sequences, 12 epochs
+    python examples/seq2seq_demo.py              # default: vocab 300, 10000 sequences, 10 epochs
     python examples/seq2seq_demo.py --quick      # small run (vocab 100), for tests and a first look
     python examples/seq2seq_demo.py --configs mae,fix3,cce --epochs 5 --out /tmp/demo
     ./build.sh demo [args]                       # default mode against the built wheel, writes
@@ -105,7 +105,7 @@ MIN_LEN, MAX_LEN = 2, 6  # source lengths
 TARGET_LEN = 12  # the target sequence [START, ..., END, padding...] has this length
 
 PRESETS = {
-    "default": dict(vocab=300, samples=10000, epochs=12, latent=128, embed=64, batch=128),
+    "default": dict(vocab=300, samples=10000, epochs=10, latent=128, embed=64, batch=128),
     "quick": dict(vocab=100, samples=3500, epochs=7, latent=64, embed=32, batch=64),
 }
 HELD_OUT, MAX_HELD_OUT = 0.2, 1000  # sequences kept out of training for the measurements
