@@ -261,7 +261,7 @@ install_wheel
 
 case "$MODE" in
   build) ;;
-  demo) (cd /tmp && "$VENV/bin/python" "$ROOT/examples/seq2seq_demo.py" "$@") ;;
+  demo) (cd /tmp && "$VENV/bin/python" "$ROOT/examples/seq2seq_demo.py" --out "$ROOT/build/demo" "$@") ;;
   test) "$VENV/bin/python" -m pytest "$ROOT/tests" "$@" ;;
   bench)
     "$VENV/bin/python" "$ROOT/benchmarks/bench_masked_mae.py" "$@"
