@@ -4,7 +4,7 @@
 # library, the pybind11 core, the wheel in dist/, installed into the venv.
 #
 #   ./build.sh            set-up and build; the wheel lands in dist/
-#   ./build.sh demo       ... then run the seq2seq demo (examples/), quick mode
+#   ./build.sh demo       ... then run the seq2seq demo (examples/): all three fixes of the Q&A side by side
 #   ./build.sh test       ... then run the whole test suite
 #   ./build.sh bench      ... then run the benchmarks (benchmarks/: CPU, then XLA)
 #   ./build.sh sanitize   ... then build CPU-only ASan+UBSan libraries into
