@@ -7,6 +7,7 @@
 #if defined(__x86_64__)
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include <immintrin.h>

@@ -9,6 +9,7 @@
 #if defined(__x86_64__)
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include <immintrin.h>
@@ -16,5 +17,6 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512")
 #define FUSED_MASKED_MAE_CPU_VARIANT avx512
 #define FUSED_MASKED_MAE_HOST_F16C 1
+#define FUSED_MASKED_MAE_HOST_AVX512 1
 #include "cc/kernels/masked_mae_cpu_variant.h"
 #endif

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "cc/kernels/masked_mae_cpu_abi.h"
@@ -35,9 +36,16 @@
 namespace fused_masked_mae {
 namespace {
 
-// Rough cycles per element of one row, for the thread pool's sharding (see
-// masked_mae_cpu.h: kCpuCyclesPerElement).
-constexpr int64_t kCyclesPerElement = 8;
+// The cost of a row in cycles, for the thread pool's sharding (Eigen's cost
+// model: one shard per ~40k cycles, a second thread from ~110k cycles of
+// work). Measured here (callgrind, AVX2): the vector row loops retire 2-6
+// instructions per element, a core streams float32 at about one element pair
+// per 1-2 cycles, and each row costs a fixed ~300 instructions (reductions,
+// argmax search, tokens, loss). So ~2 cycles per element plus ~100 per row:
+// short rows are costed by their overhead, and small inputs stay on one thread
+// instead of waking another for a few microseconds of work.
+constexpr int64_t kCyclesPerElement = 2;
+constexpr int64_t kCyclesPerRow = 100;
 
 // The target row of `row`: dense values, or the class id of the sparse loss.
 template <typename T, typename TargetT>
@@ -57,7 +65,7 @@ void RunBody(void* body, int64_t begin, int64_t end) {
 template <typename Body>
 void ParallelRows(FmmParallelFor parallel_for, const void* ctx, int64_t rows,
                   int64_t num_classes, const Body& body) {
-  parallel_for(ctx, rows, num_classes * kCyclesPerElement, &RunBody<Body>,
+  parallel_for(ctx, rows, num_classes * kCyclesPerElement + kCyclesPerRow, &RunBody<Body>,
                const_cast<Body*>(&body));
 }
 
