@@ -46,8 +46,8 @@ SHAPES = [(64, 64, 1549), (16, 128, 8192), (8, 128, 32000), (8, 16, 64)]
 DTYPES = ["float32", "bfloat16", "float16"]
 ISA_SHAPE = (64, 64, 1549)
 # Short and long rows, about 4.2 M elements each.
-SCHEDULE_SHAPES = [(131072, 32), (65536, 64), (32768, 128), (16384, 256), (128, 32000),
-                   (32, 128000), (16, 256000)]
+SCHEDULE_SHAPES = [(1024, 128, 32), (512, 128, 64), (256, 128, 128), (128, 128, 256),
+                   (1, 128, 32000), (1, 32, 128000), (1, 16, 256000)]
 START, END_SHARE = 1, 0.5  # start token id; share of end-token padding in targets
 
 
