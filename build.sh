@@ -30,8 +30,11 @@ JOBS="${JOBS:-$(nproc)}"
 
 # What goes into each library (tests/test_bazel_build.py keeps BUILD in step).
 OP_LIBRARY_SOURCES=(cc/ops/masked_mae_ops.cc cc/kernels/masked_mae_kernels.cc)
-# The CPU launchers (no TensorFlow headers), linked into both libraries.
-CPU_SOURCE=cc/kernels/masked_mae_cpu.cc
+# The CPU launchers (no TensorFlow headers), linked into both libraries: the
+# dispatcher, then one translation unit per instruction-set variant of the row
+# loops (each sets its own target by pragma; the x86 ones are empty elsewhere).
+CPU_SOURCES=(cc/kernels/masked_mae_cpu.cc cc/kernels/masked_mae_cpu_baseline.cc
+  cc/kernels/masked_mae_cpu_avx2.cc cc/kernels/masked_mae_cpu_avx512.cc)
 # XLA FFI handlers (custom calls under jit_compile), in the op library; the
 # CUDA ones compile to nothing without GOOGLE_CUDA. They need
 # libtensorflow_cc.so.2 (the FFI API).
@@ -148,13 +151,21 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # each wait fails the script if its compile did
   # The CPU launchers, once per library: the sanitizer build instruments the
-  # TensorFlow library and _core differently.
-  local cpu_obj_ops="$BUILD_DIR/masked_mae_cpu_ops.o" cpu_obj_core="$BUILD_DIR/masked_mae_cpu_core.o"
-  compile "$cpu_obj_ops" "$ROOT/$CPU_SOURCE" g++ "${host_flags[@]}" "${tf_extra[@]}" -std=c++17 \
-    -c "$ROOT/$CPU_SOURCE" -o "$cpu_obj_ops"
-  compile "$cpu_obj_core" "$ROOT/$CPU_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
-    -c "$ROOT/$CPU_SOURCE" -o "$cpu_obj_core"
-  op_objs+=("$cpu_obj_ops")
+  # TensorFlow library and _core differently. -ffp-contract=off: no fused
+  # multiply-add in any variant, so all give the baseline's bits.
+  local cpu_flags=(-std=c++17 -ffp-contract=off) core_cpu_objs=()
+  for src in "${CPU_SOURCES[@]}"; do
+    local cpu_obj_ops="$BUILD_DIR/$(basename "${src%.cc}")_ops.o"
+    local cpu_obj_core="$BUILD_DIR/$(basename "${src%.cc}")_core.o"
+    compile "$cpu_obj_ops" "$ROOT/$src" g++ "${host_flags[@]}" "${tf_extra[@]}" "${cpu_flags[@]}" \
+      -c "$ROOT/$src" -o "$cpu_obj_ops" &
+    local ops_pid=$!
+    compile "$cpu_obj_core" "$ROOT/$src" g++ "${host_flags[@]}" "${core_extra[@]}" "${cpu_flags[@]}" \
+      -c "$ROOT/$src" -o "$cpu_obj_core"
+    wait "$ops_pid"
+    op_objs+=("$cpu_obj_ops")
+    core_cpu_objs+=("$cpu_obj_core")
+  done
   # XLA's FFI headers (api.h) trip g++'s -Wreturn-type on exhaustive switches.
   for src in "${XLA_FFI_SOURCES[@]}"; do
     local xla_obj="$BUILD_DIR/$(basename "${src%.cc}").o"
@@ -172,7 +183,7 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   log "linking _masked_mae_ops.so (TensorFlow $tf_version) and _core (CUDA: $cuda_enabled)"
   g++ -shared "${tf_extra[@]}" -o "$BUILD_DIR/_masked_mae_ops.so" "${op_objs[@]}" "${cuda_objs[@]}" \
     "${cuda_libs[@]}" $tf_lflags -l:libtensorflow_cc.so.2 -Wl,--exclude-libs,ALL -Wl,--no-undefined
-  g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "$cpu_obj_core" \
+  g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "${core_cpu_objs[@]}" \
     "${cuda_objs[@]}" "${cuda_libs[@]}" \
     -Wl,--exclude-libs,ALL
   rm -f "$PKG_DIR"/_core.*.so

@@ -28,8 +28,17 @@ echo "== building _core for sm_$ARCH with $("$NVCC" --version | tail -1)"
 g++ -O3 -fPIC -std=c++17 -fvisibility=hidden -DNDEBUG -I"$ROOT" -I"$CUDA_HOME/include" \
   $("$PY" -m pybind11 --includes) -DFUSED_MASKED_MAE_WITH_CUDA=1 \
   -c cc/core/core_module.cc -o "$BUILD/core_module.o"
+# The CPU launchers: the dispatcher and its instruction-set variants (as build.sh).
+CPU_OBJS=()
+for src in cc/kernels/masked_mae_cpu.cc cc/kernels/masked_mae_cpu_baseline.cc \
+  cc/kernels/masked_mae_cpu_avx2.cc cc/kernels/masked_mae_cpu_avx512.cc; do
+  obj="$BUILD/$(basename "${src%.cc}").o"
+  g++ -O3 -fPIC -std=c++17 -ffp-contract=off -DNDEBUG -I"$ROOT" -c "$src" -o "$obj"
+  CPU_OBJS+=("$obj")
+done
 rm -f python/fused_masked_mae/_core.*.so
-g++ -shared -o "python/fused_masked_mae/_core$EXT" "$BUILD/core_module.o" "$BUILD/masked_mae_cuda.o" \
+g++ -shared -o "python/fused_masked_mae/_core$EXT" "$BUILD/core_module.o" "${CPU_OBJS[@]}" \
+  "$BUILD/masked_mae_cuda.o" \
   -L"$CUDA_HOME/lib64" -l:libcudart_static.a -ldl -lrt -lpthread -Wl,--exclude-libs,ALL
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'from fused_masked_mae import _core; assert _core.WITH_CUDA; print("_core with CUDA:", _core.__file__)'

@@ -1,7 +1,8 @@
 // fused_masked_mae._core: the loss and its gradient without TensorFlow.
 //
 // - forward / gradient: NumPy arrays on the CPU, through the same row code
-//   (masked_mae_row.h) as the TensorFlow CPU kernel.
+//   (masked_mae_row.h) as the TensorFlow CPU kernel; cpu_isa() names the
+//   instruction-set variant it runs.
 // - cuda_forward / cuda_gradient: raw device pointers (from CuPy or PyTorch,
 //   see python/fused_masked_mae/core.py), through the same CUDA launchers as
 //   the TensorFlow GPU kernels. Present when built with nvcc.
@@ -354,6 +355,25 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
 PYBIND11_MODULE(_core, m) {
   using namespace fused_masked_mae;
   m.doc() = "Fused masked MAE loss and gradient without TensorFlow (NumPy on CPU, CUDA pointers).";
+  // FUSED_MASKED_MAE_CPU_ISA naming an unknown or unsupported variant fails the import.
+  if (*CpuIsaError() != '\0') throw py::import_error(CpuIsaError());
+  m.def(
+      "cpu_isa", [] { return std::string(CpuIsa()); },
+      "The instruction-set variant of the CPU row loops in use: 'baseline', 'avx2' or "
+      "'avx512' (the best this CPU supports, or FUSED_MASKED_MAE_CPU_ISA's).");
+  m.def(
+      "cpu_isas_supported",
+      [] {
+        std::vector<std::string> names;
+        std::string all = CpuIsasSupported();
+        for (size_t start = 0, comma; start <= all.size(); start = comma + 1) {
+          comma = all.find(',', start);
+          if (comma == std::string::npos) comma = all.size();
+          names.push_back(all.substr(start, comma - start));
+        }
+        return names;
+      },
+      "The CPU variants this machine can run, least to most capable.");
   m.def("forward", &Forward, py::arg("y_true"), py::arg("y_pred"),
         py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
         py::arg("return_keep") = false,

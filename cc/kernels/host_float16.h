@@ -97,6 +97,30 @@ struct HostHalf {
 
 static_assert(sizeof(HostBFloat16) == 2 && sizeof(HostHalf) == 2, "16-bit types must be 2 bytes");
 
+#if defined(FUSED_MASKED_MAE_HOST_F16C)
+// float16 -> float32 with F16C (AVX-512F: 16 at a time) for the row loops'
+// blocks (LoadLanes in masked_mae_row.h). Only for the CPU variants compiled
+// for those targets (masked_mae_cpu_avx2.cc, masked_mae_cpu_avx512.cc, which
+// include <immintrin.h>). Exact, like the software conversion; the one
+// difference, a signaling NaN comes out quieted, is invisible in the results,
+// which only compare these values or subtract them (which quiets NaN anyway).
+// float32 -> 16-bit stays the software rounding above: vcvtps2ph keeps NaN
+// payloads where that returns the canonical NaN, and AVX512-BF16's
+// vcvtneps2bf16 flushes denormals.
+static_assert(kHostLanes == 16, "LoadLanes converts 16 lanes");
+inline void LoadLanes(const HostHalf* src, float* dst) {
+#if defined(FUSED_MASKED_MAE_HOST_AVX512)
+  // maskz with every lane: g++ 12 warns about _mm512_cvtph_ps's undefined source.
+  _mm512_storeu_ps(dst, _mm512_maskz_cvtph_ps(
+                            0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+#else
+  _mm256_storeu_ps(dst, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  _mm256_storeu_ps(dst + 8,
+                   _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8))));
+#endif
+}
+#endif
+
 template <>
 struct ElementKindOf<HostHalf> {
   static constexpr ElementKind value = ElementKind::kFloat16;

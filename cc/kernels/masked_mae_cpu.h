@@ -9,6 +9,11 @@
 //
 // Each row is computed by one thread with a fixed reduction order, so the
 // results do not depend on how `parallel_for` splits the rows.
+//
+// The row loops exist in several instruction-set variants (baseline x86-64,
+// AVX2+FMA+F16C, AVX-512; baseline only elsewhere), the same source compiled
+// for each target; the best one the CPU supports is chosen once per process,
+// or the one FUSED_MASKED_MAE_CPU_ISA names. All give bit-identical results.
 #ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CPU_H_
 #define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CPU_H_
 
@@ -31,8 +36,17 @@ inline void SerialFor(int64_t rows, int64_t, const RowRangeBody& body) {
   if (rows > 0) body(0, rows);
 }
 
-// Rough cycles per element of one row, for sharding.
-constexpr int64_t kCpuCyclesPerElement = 8;
+// The environment variable that forces a variant: baseline, avx2 or avx512.
+constexpr char kCpuIsaEnvironmentVariable[] = "FUSED_MASKED_MAE_CPU_ISA";
+
+// The variant in use ("baseline", "avx2" or "avx512"); the variants this CPU
+// supports, comma-separated; and "" or, when FUSED_MASKED_MAE_CPU_ISA names an
+// unknown or unsupported variant, why it was refused (the best supported
+// variant runs instead: front doors report the error, the Python package at
+// import). The choice is made on the first call of any of these or of a launcher.
+const char* CpuIsa();
+const char* CpuIsasSupported();
+const char* CpuIsaError();
 
 // loss[rows]; row_keep[rows] (may be null) receives each row's keep byte
 // (1 = counted, 0 = masked), which the gradient takes instead of re-deriving

@@ -22,6 +22,8 @@
 #define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_ROW_H_
 
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -218,10 +220,16 @@ MMAE_HOST_DEVICE Acc RowGradientScale(T upstream, Acc keep, int64_t num_classes)
       static_cast<T>(GradientScale(static_cast<Acc>(upstream), keep, num_classes)));
 }
 
-// d loss / d y_pred for one element, as T; d loss / d y_true is its negative.
+// d loss / d y_pred for one element; d loss / d y_true is its negative.
+template <typename Acc>
+MMAE_HOST_DEVICE Acc ElementGradientValue(Acc scale, Acc y_true, Acc y_pred) {
+  return scale * Sign(y_pred - y_true);
+}
+
+// The same, as T.
 template <typename T, typename Acc>
 MMAE_HOST_DEVICE T ElementGradient(Acc scale, Acc y_true, Acc y_pred) {
-  return static_cast<T>(scale * Sign(y_pred - y_true));
+  return static_cast<T>(ElementGradientValue(scale, y_true, y_pred));
 }
 
 // How a row's targets are read: dense values [C], or a class id standing for
@@ -264,23 +272,54 @@ struct SparseTargetRow {
 // the largest candidate, no candidate giving kNoIndex.
 constexpr int kHostLanes = 16;
 
+// Host results carry a single NaN, the positive quiet NaN without payload.
+// Which of two NaN operands an addition or a product passes on depends on the
+// operand order, which compilers choose freely (a + b is b + a) and choose
+// differently for scalar and vector code, so the NaN's sign and payload would
+// differ between the instruction-set variants of the CPU launchers (and
+// between compilers); every other bit is fixed by the operation order.
+template <typename Acc>
+inline Acc CanonicalNaN(Acc x) {
+  return x != x ? std::numeric_limits<Acc>::quiet_NaN() : x;
+}
+
+// ElementGradient for the host row loops, NaN made canonical.
+template <typename T, typename Acc>
+inline T HostElementGradient(Acc scale, Acc y_true, Acc y_pred) {
+  return static_cast<T>(CanonicalNaN(ElementGradientValue(scale, y_true, y_pred)));
+}
+
+// Reads kHostLanes consecutive elements as Acc: every hot loop below reads
+// its inputs through this, a block at a time. host_float16.h overloads it for
+// its 16-bit types with vector conversion instructions where the compile
+// target has them (found by argument-dependent lookup); values are the same.
+template <typename T, typename Acc>
+inline void LoadLanes(const T* src, Acc* dst) {
+  for (int l = 0; l < kHostLanes; ++l) dst[l] = static_cast<Acc>(src[l]);
+}
+
 // Blocks of 64 elements are tested with a branch-free count (which
 // vectorizes) before the block holding the first match is searched.
 constexpr int kSearchBlock = 64;
 
-// x(i) reads element i as Acc.
-template <typename Reader, typename Acc>
-inline int64_t FirstIndexOf(const Reader& x, int64_t end, Acc best, Acc lowest) {
+// The first index in [0, end) of x holding `best`, kNoIndex when none (or when
+// best is no candidate: not above the dtype's lowest).
+template <typename T, typename Acc>
+inline int64_t FirstIndexOf(const T* x, int64_t end, Acc best, Acc lowest) {
   if (!Improves(best, lowest)) return kNoIndex;  // no candidate in the row
   const int64_t full = end - end % kSearchBlock;
   int64_t base = 0;
   for (; base < full; base += kSearchBlock) {
+    Acc v[kSearchBlock];
+    for (int block = 0; block < kSearchBlock; block += kHostLanes) {
+      LoadLanes(x + base + block, v + block);
+    }
     int hits = 0;
-    for (int l = 0; l < kSearchBlock; ++l) hits += x(base + l) == best;
+    for (int l = 0; l < kSearchBlock; ++l) hits += v[l] == best;
     if (hits) break;
   }
   for (int64_t i = base; i < end; ++i) {
-    if (x(i) == best) return i;
+    if (static_cast<Acc>(x[i]) == best) return i;
   }
   return kNoIndex;
 }
@@ -313,39 +352,60 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
   // Pass 1, block by block of kHostLanes elements; the tail goes to lanes
   // 0.., after their other elements.
   const int64_t full = num_classes - num_classes % kHostLanes;
-  const auto scan_blocks = [&](int64_t begin, int64_t end, const auto& target_in_block) {
+  // load_targets(base, t) fills t with the block's kHostLanes targets.
+  const auto scan_blocks = [&](int64_t begin, int64_t end, const auto& load_targets) {
     for (int64_t base = begin; base < end; base += kHostLanes) {
-      for (int l = 0; l < kHostLanes; ++l) {
-        observe(l, target_in_block(base, l), prediction_at(base + l));
-      }
+      Acc t[kHostLanes], p[kHostLanes];
+      load_targets(base, t);
+      LoadLanes(y_pred + base, p);
+      for (int l = 0; l < kHostLanes; ++l) observe(l, t[l], p[l]);
     }
   };
   if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
     // one_hot(id) is zero outside id's block: only that block reads a 1.
     // Lanes still see their elements in order, so the sums are the dense
     // loop's bit for bit.
-    const auto zero = [](int64_t, int) { return Acc(0); };
+    const auto zero = [](int64_t, Acc* t) {
+      for (int l = 0; l < kHostLanes; ++l) t[l] = Acc(0);
+    };
     const int64_t id_block = y_true.id - y_true.id % kHostLanes;
     scan_blocks(0, id_block < full ? id_block : full, zero);
     if (id_block < full) {
-      scan_blocks(id_block, id_block + kHostLanes,
-                  [&](int64_t base, int l) { return target_at(base + l); });
+      scan_blocks(id_block, id_block + kHostLanes, [&](int64_t base, Acc* t) {
+        for (int l = 0; l < kHostLanes; ++l) t[l] = target_at(base + l);
+      });
       scan_blocks(id_block + kHostLanes, full, zero);
     }
   } else {
-    scan_blocks(0, full, [&](int64_t base, int l) { return target_at(base + l); });
+    scan_blocks(0, full, [&](int64_t base, Acc* t) { LoadLanes(y_true.values + base, t); });
   }
-  for (int64_t i = full; i < num_classes; ++i) {
-    observe(static_cast<int>(i - full), target_at(i), prediction_at(i));
+  if (full < num_classes) {
+    // The tail as one more block whose missing elements leave their lanes as
+    // they are: (lowest, lowest) is no candidate and adds |0| = +0.0 to a sum,
+    // which is never -0.0 (it starts at +0.0), so x + 0.0 is x bit for bit.
+    Acc t[kHostLanes], p[kHostLanes];
+    for (int l = 0; l < kHostLanes; ++l) {
+      const bool in_row = full + l < num_classes;
+      t[l] = in_row ? target_at(full + l) : lowest;
+      p[l] = in_row ? prediction_at(full + l) : lowest;
+    }
+    for (int l = 0; l < kHostLanes; ++l) observe(l, t[l], p[l]);
   }
-  // Pairwise tree over the lanes, always in the same order.
-  for (int width = kHostLanes / 2; width >= 1; width /= 2) {
+  // Pairwise tree over the lanes, always in the same order; constant bounds,
+  // so each level is straight-line (vector) code.
+  const auto tree_level = [&](auto width_constant) {
+    constexpr int width = decltype(width_constant)::value;
     for (int l = 0; l < width; ++l) {
       t_best[l] = Improves(t_best[l + width], t_best[l]) ? t_best[l + width] : t_best[l];
       p_best[l] = Improves(p_best[l + width], p_best[l]) ? p_best[l + width] : p_best[l];
       sum[l] += sum[l + width];
     }
-  }
+  };
+  static_assert(kHostLanes == 16, "the tree below has four levels");
+  tree_level(std::integral_constant<int, 8>{});
+  tree_level(std::integral_constant<int, 4>{});
+  tree_level(std::integral_constant<int, 2>{});
+  tree_level(std::integral_constant<int, 1>{});
   // Pass 2: argmax t, and whether argmax p equals it, which only matters when
   // argmax t is a masked token. Then argmax p == argmax t exactly when p holds
   // its maximum there and nowhere before (no candidate in p means argmax 0).
@@ -353,7 +413,7 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
   if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
     target_argmax = y_true.id;  // one_hot(id): its only maximum
   } else {
-    target_argmax = FirstIndexOf(target_at, num_classes, t_best[0], lowest);
+    target_argmax = FirstIndexOf(y_true.values, num_classes, t_best[0], lowest);
   }
   const ArgmaxState<Acc> target{t_best[0], target_argmax};
   const int64_t t_index = target.Result();
@@ -362,7 +422,7 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
     prediction_equal =
         Improves(p_best[0], lowest)
             ? prediction_at(t_index) == p_best[0] &&
-                  FirstIndexOf(prediction_at, t_index, p_best[0], lowest) == kNoIndex
+                  FirstIndexOf(y_pred, t_index, p_best[0], lowest) == kNoIndex
             : t_index == 0;
   }
   return {Acc(KeepFactorFor(t_index, prediction_equal, tokens)), sum[0]};
@@ -376,7 +436,7 @@ inline T ComputeRowLoss(const TargetRow& y_true, const T* y_pred, int64_t num_cl
                         const MaskedTokenSet& tokens, uint8_t* keep_byte) {
   const auto row = ScanRow(y_true, y_pred, num_classes, tokens);
   *keep_byte = KeepByte(row.keep);
-  return static_cast<T>(MaskedMean(row.keep, row.abs_diff_sum, num_classes));
+  return static_cast<T>(CanonicalNaN(MaskedMean(row.keep, row.abs_diff_sum, num_classes)));
 }
 
 // Writes d loss / d y_pred for one row from the keep byte the forward saved:
@@ -386,18 +446,60 @@ inline void ComputeRowGradient(const TargetRow& y_true, const T* y_pred, int64_t
                                uint8_t keep_byte, T upstream, T* grad_y_pred) {
   using Acc = typename AccumulatorOf<T>::type;
   const Acc scale = RowGradientScale(upstream, KeepFromByte<Acc>(keep_byte), num_classes);
+  // scale * Sign(p - t) takes one of four values in a row, as Sign is 1, -1,
+  // +0 or NaN: for float16 each is computed once, by the same
+  // HostElementGradient (Sign(Sign(d)) = Sign(d), and every NaN becomes the
+  // one NaN), and each element picks its value's bits, so no element rounds a
+  // float to float16 (the slowest conversion). The other dtypes compute each
+  // element's product (bfloat16's rounding is a few integer operations).
+  constexpr bool kFourValues = ElementKindOf<T>::value == ElementKind::kFloat16;
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t,
+                                  std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+  static_assert(sizeof(Bits) == sizeof(T), "T is a 2, 4 or 8-byte float");
+  const auto bits_of = [](T value) {
+    Bits bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return bits;
+  };
+  const Bits positive = bits_of(HostElementGradient<T>(scale, Acc(0), Acc(1)));
+  const Bits negative = bits_of(HostElementGradient<T>(scale, Acc(0), Acc(-1)));
+  const Bits zero = bits_of(HostElementGradient<T>(scale, Acc(0), Acc(0)));
+  const Bits nan = bits_of(static_cast<T>(CanonicalNaN(std::numeric_limits<Acc>::quiet_NaN())));
+  const auto gradient_bits = [&](Acc t, Acc p) {
+    const Acc sign = Sign(p - t);
+    const Bits is_positive = Bits(0) - Bits(sign > Acc(0));
+    const Bits is_negative = Bits(0) - Bits(sign < Acc(0));
+    const Bits is_zero = Bits(0) - Bits(sign == Acc(0));
+    return (positive & is_positive) | (negative & is_negative) | (zero & is_zero) |
+           (nan & ~(is_positive | is_negative | is_zero));
+  };
+  // A block of kHostLanes at a time, then the tail.
+  const int64_t full = num_classes - num_classes % kHostLanes;
+  for (int64_t base = 0; base < full; base += kHostLanes) {
+    Acc t[kHostLanes], p[kHostLanes];
+    if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
+      for (int l = 0; l < kHostLanes; ++l) t[l] = Acc(0);  // the one at id is redone below
+    } else {
+      LoadLanes(y_true.values + base, t);
+    }
+    LoadLanes(y_pred + base, p);
+    if constexpr (kFourValues) {
+      Bits out[kHostLanes];
+      for (int l = 0; l < kHostLanes; ++l) out[l] = gradient_bits(t[l], p[l]);
+      std::memcpy(grad_y_pred + base, out, sizeof(out));
+    } else {
+      for (int l = 0; l < kHostLanes; ++l) {
+        grad_y_pred[base + l] = HostElementGradient<T>(scale, t[l], p[l]);
+      }
+    }
+  }
+  for (int64_t i = full; i < num_classes; ++i) {
+    grad_y_pred[i] =
+        HostElementGradient<T>(scale, y_true.template At<Acc>(i), static_cast<Acc>(y_pred[i]));
+  }
   if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
-    // Every element independently: zero targets, then the one at id.
-    for (int64_t i = 0; i < num_classes; ++i) {
-      grad_y_pred[i] = ElementGradient<T>(scale, Acc(0), static_cast<Acc>(y_pred[i]));
-    }
     grad_y_pred[y_true.id] =
-        ElementGradient<T>(scale, Acc(1), static_cast<Acc>(y_pred[y_true.id]));
-  } else {
-    for (int64_t i = 0; i < num_classes; ++i) {
-      grad_y_pred[i] =
-          ElementGradient<T>(scale, y_true.template At<Acc>(i), static_cast<Acc>(y_pred[i]));
-    }
+        HostElementGradient<T>(scale, Acc(1), static_cast<Acc>(y_pred[y_true.id]));
   }
 }
 

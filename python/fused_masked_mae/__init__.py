@@ -5,9 +5,18 @@
 
 Without TensorFlow installed (e.g. a GPU test machine), only the TF-free
 kernels are available: `fused_masked_mae.core` and `fused_masked_mae._core`.
+
+The CPU kernels come in instruction-set variants (baseline x86-64, AVX2, AVX-512)
+with bit-identical results; `cpu_isa()` names the one in use, and the
+environment variable FUSED_MASKED_MAE_CPU_ISA=baseline|avx2|avx512, read once
+at import, forces one (an unknown or unsupported value fails the import).
 """
 
 import importlib.util
+
+# Loading _core chooses the CPU variant and raises ImportError when
+# FUSED_MASKED_MAE_CPU_ISA is unknown or unsupported here.
+from fused_masked_mae import _core as _core_module
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,6 +24,7 @@ __all__ = [
     "MaskedMAE",
     "ReferenceMaskedMAE",
     "SparseMaskedMAE",
+    "cpu_isa",
     "in_xla_context",
     "masked_mae",
     "masked_mae_loss_fn",
@@ -24,6 +34,18 @@ __all__ = [
     "reference_sparse_masked_mae",
     "sparse_masked_mae",
 ]
+
+
+
+def cpu_isa():
+    """The instruction-set variant the CPU kernels run: 'baseline', 'avx2' or 'avx512'.
+
+    The best this CPU supports, or the one FUSED_MASKED_MAE_CPU_ISA names; chosen
+    once per process. The TensorFlow op library and `_core` choose the same way
+    (the import checks that they agree).
+    """
+    return _core_module.cpu_isa()
+
 
 if importlib.util.find_spec("tensorflow") is not None:
     # Importing these loads the op library and registers the Keras loss for

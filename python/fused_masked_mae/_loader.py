@@ -6,6 +6,7 @@ minor releases), so a mismatch is reported as an ImportError before loading,
 instead of a crash or an undefined-symbol error.
 """
 
+import ctypes
 import os
 
 import tensorflow as tf
@@ -42,7 +43,28 @@ def _load():
             f"{path} is missing: build the package with ./build.sh and install the wheel "
             "from dist/."
         )
-    return tf.load_op_library(path)
+    library = tf.load_op_library(path)
+    _check_cpu_isa(path)
+    return library
+
+
+def _cpu_isa_function(path, name):
+    function = getattr(ctypes.CDLL(path), name)
+    function.restype = ctypes.c_char_p
+    function.argtypes = []
+    return lambda: function().decode()
+
+
+def op_library_cpu_isa():
+    """The CPU instruction-set variant the op library's kernels run (see cpu_isa())."""
+    return _cpu_isa_function(LIBRARY_PATH, "fused_masked_mae_cpu_isa")()
+
+
+def _check_cpu_isa(path):
+    """ImportError when FUSED_MASKED_MAE_CPU_ISA names an unknown or unsupported variant."""
+    error = _cpu_isa_function(path, "fused_masked_mae_cpu_isa_error")()
+    if error:
+        raise ImportError(f"fused_masked_mae: {error}")
 
 
 # Module import runs once per process, so the library is loaded once.
