@@ -1,8 +1,14 @@
 // CUDA kernels for the fused masked MAE loss and its gradient.
 //
-// TensorFlow-free (compiled by nvcc without TF headers) so that the same object
-// serves the TensorFlow GPU kernels and the pybind11 core. The math is
-// masked_mae_row.h's; this file only maps rows onto threads:
+// Device code only: tools/build_device_code.sh compiles it with clang
+// (--cuda-device-only) into one cubin per architecture plus PTX, which are
+// embedded in the host libraries and loaded through the CUDA driver API
+// (cuda_driver.cc); the host launchers that pick the kernel and its launch
+// shape are plain C++ (masked_mae_launch.cc). Every kernel is an
+// `extern "C"` wrapper with the name masked_mae_kernel_abi.h spells, taking
+// the KernelParams block declared there. No TensorFlow and no CUDA runtime
+// API: the same images serve the TensorFlow GPU kernels and the pybind11 core.
+// The math is masked_mae_row.h's; this file only maps rows onto threads:
 //   - small rows: a group of 1..32 lanes of a warp per row, several rows per block;
 //   - large rows: a whole block (64..512 threads) per row.
 // Within a row, element i belongs to 16-byte chunk i / kVec, and lane l visits
@@ -10,9 +16,12 @@
 // num_classes, never on addresses (alignment only decides whether a chunk is
 // read with one 16-byte load or element by element), and the reductions use a
 // fixed butterfly/tree order with no atomics: results are bitwise reproducible.
-#include <algorithm>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
-#include "cc/kernels/masked_mae_cuda.h"
+#include <cstdint>
+
+#include "cc/kernels/masked_mae_kernel_abi.h"
 
 namespace fused_masked_mae {
 
@@ -29,10 +38,7 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kRowsPerWarpBlockThreads = 256;  // block size when a row fits in a warp
-constexpr int kMaxRowBlockThreads = 512;       // largest block for one row
-constexpr int64_t kMaxGridBlocks = 1 << 20;    // grid-stride beyond this
-constexpr int kChunksPerLane = 4;              // work per lane that sizes the group
+constexpr int kMaxRowBlockThreads = 512;  // largest block (masked_mae_launch.cc picks the shape)
 
 // Where a kernel reads its targets: dense rows of T, or one class id per row.
 template <typename T>
@@ -45,21 +51,31 @@ struct DenseTargets {
 
 template <typename Id>
 struct SparseTargets {
-  const Id* ids;
+  const Id* values;  // class ids
   __device__ SparseTargetRow Row(int64_t row, int64_t) const {
-    return {static_cast<int64_t>(ids[row])};
+    return {static_cast<int64_t>(values[row])};
   }
 };
 
+// KernelParams with its pointers typed.
 template <typename T, typename Targets>
-struct KernelParams {
+struct TypedParams {
   Targets y_true;
   const T* y_pred;
   const T* grad_loss;  // gradient kernel only
   T* out;              // loss [rows] or grad_y_pred [rows, num_classes]
   int64_t rows;
   int64_t num_classes;
-  MaskedTokenSet tokens;
+  const MaskedTokenSet& tokens;
+
+  __device__ explicit TypedParams(const KernelParams& p)
+      : y_true{static_cast<decltype(Targets::values)>(p.y_true)},
+        y_pred(static_cast<const T*>(p.y_pred)),
+        grad_loss(static_cast<const T*>(p.grad_loss)),
+        out(static_cast<T*>(p.out)),
+        rows(p.rows),
+        num_classes(p.num_classes),
+        tokens(p.tokens) {}
 };
 
 template <typename T>
@@ -219,8 +235,8 @@ __device__ __forceinline__ void WriteLaneGradient(const TargetRow& t, const T* p
 
 // kGroup: lanes per row (1..32), or 0 for one whole block per row.
 template <typename T, typename Targets, int kGroup, bool kGradient>
-__global__ void __launch_bounds__(kMaxRowBlockThreads)
-    MaskedMaeKernel(KernelParams<T, Targets> params) {
+__device__ __forceinline__ void MaskedMaeRows(const KernelParams& raw_params) {
+  const TypedParams<T, Targets> params(raw_params);
   using Acc = typename AccumulatorOf<T>::type;
   const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
   const int group = kGroup > 0 ? kGroup : static_cast<int>(blockDim.x);
@@ -263,103 +279,37 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads)
   }
 }
 
-int NextPowerOfTwo(int64_t n) {
-  int p = 1;
-  while (p < n) p *= 2;
-  return p;
-}
-
-template <typename T, typename Targets, bool kGradient>
-cudaError_t Launch(const KernelParams<T, Targets>& params, cudaStream_t stream) {
-  if (params.rows == 0) return cudaSuccess;
-  const int64_t chunks = (params.num_classes + Vec<T>::kSize - 1) / Vec<T>::kSize;
-  const int64_t lanes_wanted = (chunks + kChunksPerLane - 1) / kChunksPerLane;
-  if (lanes_wanted <= kWarpSize) {
-    const int group = NextPowerOfTwo(lanes_wanted);
-    const int64_t rows_per_block = kRowsPerWarpBlockThreads / group;
-    const int64_t blocks =
-        std::min((params.rows + rows_per_block - 1) / rows_per_block, kMaxGridBlocks);
-    const dim3 grid(static_cast<unsigned>(blocks)), block(kRowsPerWarpBlockThreads);
-    switch (group) {
-#define MMAE_CASE(G)                                                                 \
-  case G:                                                                            \
-    MaskedMaeKernel<T, Targets, G, kGradient><<<grid, block, 0, stream>>>(params); \
-    break;
-      MMAE_CASE(1)
-      MMAE_CASE(2)
-      MMAE_CASE(4)
-      MMAE_CASE(8)
-      MMAE_CASE(16)
-      default:
-        MMAE_CASE(32)
-#undef MMAE_CASE
-    }
-  } else {
-    const int threads = static_cast<int>(
-        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, NextPowerOfTwo(lanes_wanted))));
-    const int64_t blocks = std::min(params.rows, kMaxGridBlocks);
-    MaskedMaeKernel<T, Targets, 0, kGradient>
-        <<<dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream>>>(params);
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
-template <typename T>
-cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
-                                   int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
-                                   cudaStream_t stream) {
-  return Launch<T, DenseTargets<T>, false>(
-      {{y_true}, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
-}
-
-template <typename T>
-cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad_loss,
-                                    int64_t rows, int64_t num_classes,
-                                    const MaskedTokenSet& tokens, T* grad_y_pred,
-                                    cudaStream_t stream) {
-  return Launch<T, DenseTargets<T>, true>(
-      {{y_true}, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens}, stream);
-}
-
-template <typename T, typename Id>
-cudaError_t LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
-                                         int64_t num_classes, const MaskedTokenSet& tokens,
-                                         T* loss, cudaStream_t stream) {
-  return Launch<T, SparseTargets<Id>, false>(
-      {{y_true_ids}, y_pred, nullptr, loss, rows, num_classes, tokens}, stream);
-}
-
-template <typename T, typename Id>
-cudaError_t LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
-                                          const T* grad_loss, int64_t rows, int64_t num_classes,
-                                          const MaskedTokenSet& tokens, T* grad_y_pred,
-                                          cudaStream_t stream) {
-  return Launch<T, SparseTargets<Id>, true>(
-      {{y_true_ids}, y_pred, grad_loss, grad_y_pred, rows, num_classes, tokens}, stream);
-}
-
-#define INSTANTIATE_SPARSE(T, Id)                                                              \
-  template cudaError_t LaunchSparseMaskedMaeForward<T, Id>(                                   \
-      const Id*, const T*, int64_t, int64_t, const MaskedTokenSet&, T*, cudaStream_t);       \
-  template cudaError_t LaunchSparseMaskedMaeGradient<T, Id>(const Id*, const T*, const T*,   \
-                                                            int64_t, int64_t,                \
-                                                            const MaskedTokenSet&, T*,       \
-                                                            cudaStream_t);
-#define INSTANTIATE(T)                                                                       \
-  template cudaError_t LaunchMaskedMaeForward<T>(const T*, const T*, int64_t, int64_t,       \
-                                                 const MaskedTokenSet&, T*, cudaStream_t);   \
-  template cudaError_t LaunchMaskedMaeGradient<T>(const T*, const T*, const T*, int64_t,     \
-                                                  int64_t, const MaskedTokenSet&, T*,        \
-                                                  cudaStream_t);                             \
-  INSTANTIATE_SPARSE(T, int32_t)                                                             \
-  INSTANTIATE_SPARSE(T, int64_t)
-INSTANTIATE(__half)
-INSTANTIATE(__nv_bfloat16)
-INSTANTIATE(float)
-INSTANTIATE(double)
-#undef INSTANTIATE_SPARSE
-#undef INSTANTIATE
+// The extern "C" kernels, one per (direction, dtype, targets, lanes per row),
+// named as masked_mae_kernel_abi.h's KernelName spells them.
+#define MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, G)                      \
+  extern "C" __global__ void __launch_bounds__(kMaxRowBlockThreads)                      \
+      fused_masked_mae_##DIR##_##TNAME##_##TARGETNAME##_g##G(const KernelParams params) { \
+    MaskedMaeRows<T, TARGETS, G, GRADIENT>(params);                                      \
+  }
+#define MMAE_GROUPS(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS) \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 1)    \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 2)    \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 4)    \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 8)    \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 16)   \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 32)   \
+  MMAE_KERNEL(DIR, GRADIENT, TNAME, T, TARGETNAME, TARGETS, 0)
+#define MMAE_TARGETS(DIR, GRADIENT, TNAME, T)                                \
+  MMAE_GROUPS(DIR, GRADIENT, TNAME, T, dense, DenseTargets<T>)               \
+  MMAE_GROUPS(DIR, GRADIENT, TNAME, T, i32, SparseTargets<int32_t>)          \
+  MMAE_GROUPS(DIR, GRADIENT, TNAME, T, i64, SparseTargets<int64_t>)
+#define MMAE_DTYPES(DIR, GRADIENT)                   \
+  MMAE_TARGETS(DIR, GRADIENT, f16, __half)           \
+  MMAE_TARGETS(DIR, GRADIENT, bf16, __nv_bfloat16)   \
+  MMAE_TARGETS(DIR, GRADIENT, f32, float)            \
+  MMAE_TARGETS(DIR, GRADIENT, f64, double)
+MMAE_DTYPES(fwd, false)
+MMAE_DTYPES(grad, true)
+#undef MMAE_DTYPES
+#undef MMAE_TARGETS
+#undef MMAE_GROUPS
+#undef MMAE_KERNEL
 
 }  // namespace fused_masked_mae
