@@ -30,6 +30,10 @@ def _gpu_backends():
 
             if cupy.cuda.runtime.getDeviceCount() > 0:
                 backends.append("cupy")
+                if os.environ.get("FUSED_MASKED_MAE_CUPY_POOL") == "off":
+                    # Under compute-sanitizer (tools/gpu_check.sh): every array its
+                    # own allocation, so an overrun is not hidden inside a pool block.
+                    cupy.cuda.set_allocator(None)
         except Exception:  # no driver or no device
             pass
     return backends
