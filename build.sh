@@ -37,6 +37,8 @@ JOBS="${JOBS:-$(nproc)}"
 
 # What goes into each library (tests/test_bazel_build.py keeps BUILD in step).
 OP_LIBRARY_SOURCES=(cc/ops/masked_mae_ops.cc cc/kernels/masked_mae_kernels.cc)
+# The CPU launchers (no TensorFlow headers), linked into both libraries.
+CPU_SOURCE=cc/kernels/masked_mae_cpu.cc
 # Device code only (tools/build_device_code.sh); the host side of the launchers
 # and the driver loader are plain C++ (empty when built without CUDA).
 CUDA_SOURCE=cc/kernels/masked_mae_kernels.cu.cc
@@ -178,6 +180,14 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
     if [[ "$JOBS" -le 1 ]]; then wait "${pids[@]}"; pids=(); fi
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # each wait fails the script if its compile did
+  # The CPU launchers, once per library: the sanitizer build instruments the
+  # TensorFlow library and _core differently.
+  local cpu_obj_ops="$BUILD_DIR/masked_mae_cpu_ops.o" cpu_obj_core="$BUILD_DIR/masked_mae_cpu_core.o"
+  compile "$cpu_obj_ops" "$ROOT/$CPU_SOURCE" g++ "${host_flags[@]}" "${tf_extra[@]}" -std=c++17 \
+    -c "$ROOT/$CPU_SOURCE" -o "$cpu_obj_ops"
+  compile "$cpu_obj_core" "$ROOT/$CPU_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
+    -c "$ROOT/$CPU_SOURCE" -o "$cpu_obj_core"
+  op_objs+=("$cpu_obj_ops")
   local core_obj="$BUILD_DIR/core_module.o"
   compile "$core_obj" "$ROOT/$CORE_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
     -fvisibility=hidden $("$py" -m pybind11 --includes) "${cuda_defs[@]}" \
@@ -188,7 +198,8 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   log "linking _masked_mae_ops.so (TensorFlow $tf_version) and _core (CUDA: $cuda_enabled)"
   g++ -shared "${tf_extra[@]}" -o "$BUILD_DIR/_masked_mae_ops.so" "${op_objs[@]}" "${cuda_objs[@]}" \
     "${cuda_libs[@]}" $tf_lflags -Wl,--exclude-libs,ALL -Wl,--no-undefined
-  g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "${cuda_objs[@]}" "${cuda_libs[@]}" \
+  g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "$cpu_obj_core" \
+    "${cuda_objs[@]}" "${cuda_libs[@]}" \
     -Wl,--exclude-libs,ALL
   rm -f "$PKG_DIR"/_core.*.so
   mv -f "$BUILD_DIR/_masked_mae_ops.so" "$PKG_DIR/_masked_mae_ops.so"

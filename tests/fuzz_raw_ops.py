@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from fused_masked_mae import _core
-from fused_masked_mae._loader import ops_library
+from raw_ops import raw_forward, raw_grad, raw_sparse_forward, raw_sparse_grad
 
 EXPECTED_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
 VALUES = np.array([0.0, -0.0, 1.0, 1.0, 0.5, -2.0, np.nan, np.inf, -np.inf, 3.0e38])
@@ -50,23 +50,29 @@ def one_case(rng):
     loss_shape = shape[:-1] if shape else []
     grad_shape = loss_shape if rng.random() < 0.8 else draw_shape(rng)
     grad_loss = draw_tensor(rng, grad_shape, dtype)
+    # The gradient ops take the forward's keep bytes: any byte, mostly the right shape.
+    keep_shape = loss_shape if rng.random() < 0.85 else draw_shape(rng)
+    row_keep = tf.constant(rng.integers(0, 256, size=keep_shape), tf.uint8)
     try:
         if kind in ("forward", "grad", "core", "core_grad"):
             y_true = draw_tensor(rng, other, dtype)
             if kind == "forward":
-                out = ops_library.import_fused_masked_mae_masked_mae(
+                out = raw_forward(
                     y_true=y_true, y_pred=y_pred, masked_tokens=tokens)
                 assert out.shape == loss_shape, (out.shape, loss_shape)
             elif kind == "grad":
-                out = ops_library.import_fused_masked_mae_masked_mae_grad(
-                    y_true=y_true, y_pred=y_pred, grad_loss=grad_loss, masked_tokens=tokens)
+                out = raw_grad(
+                    y_true=y_true, y_pred=y_pred, grad_loss=grad_loss, row_keep=row_keep)
                 assert out.shape == shape
             else:
                 if kind == "core":
                     out = _core.forward(y_true.numpy(), y_pred.numpy(), tokens)
                     assert list(out.shape) == loss_shape
                 else:
-                    out = _core.gradient(y_true.numpy(), y_pred.numpy(), grad_loss.numpy(), tokens)
+                    with_keep = rng.random() < 0.5
+                    out = _core.gradient(y_true.numpy(), y_pred.numpy(), grad_loss.numpy(),
+                                         [] if with_keep else tokens,
+                                         row_keep=row_keep.numpy() if with_keep else None)
                     assert list(out.shape) == shape
         else:
             id_dtype = tf.int32 if rng.random() < 0.5 else tf.int64
@@ -75,12 +81,12 @@ def one_case(rng):
             if shape and shape[-1] > 0 and rng.random() < 0.7:  # mostly valid ids
                 ids = tf.constant(rng.integers(0, shape[-1], size=ids_shape), id_dtype)
             if kind == "sparse":
-                out = ops_library.import_fused_masked_mae_sparse_masked_mae(
+                out = raw_sparse_forward(
                     y_true_ids=ids, y_pred=y_pred, masked_tokens=tokens)
                 assert out.shape == loss_shape
             else:
-                out = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
-                    y_true_ids=ids, y_pred=y_pred, grad_loss=grad_loss, masked_tokens=tokens)
+                out = raw_sparse_grad(
+                    y_true_ids=ids, y_pred=y_pred, grad_loss=grad_loss, row_keep=row_keep)
                 assert out.shape == shape
         return "ok"
     except EXPECTED_ERRORS:

@@ -120,11 +120,31 @@ def test_empty_batch():
          ValueError, "at most 256 masked tokens are supported, got 257"),
         (lambda: _core.gradient(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((3,))), ValueError,
          r"grad_loss must have the shape of the loss \[2\], got \[3\]"),
+        (lambda: _core.gradient(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2,)),
+                                row_keep=np.ones((3,), np.uint8)), ValueError,
+         r"row_keep must have the shape of the loss \[2\], got \[3\]"),
+        (lambda: _core.gradient(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2,)),
+                                row_keep=np.ones((2,), np.int32)), TypeError,
+         r"row_keep has dtype int32, expected uint8"),
+        (lambda: _core.gradient(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2,)), [0],
+                                row_keep=np.ones((2,), np.uint8)), ValueError,
+         r"pass masked_tokens or row_keep, not both"),
     ],
 )
 def test_bad_inputs_raise(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_gradient_from_the_forwards_keep_bytes_equals_the_gradient_from_tokens():
+    y_true, y_pred = make_inputs((6, 9, 33), np.float32, [0, 32], seed=5)
+    grad_loss = np.random.default_rng(1).normal(size=(6, 9)).astype(np.float32)
+    loss, row_keep = core.forward(y_true, y_pred, [0, 32], return_keep=True)
+    assert row_keep.dtype == np.uint8 and row_keep.shape == loss.shape
+    assert set(np.unique(row_keep)) == {0, 1}
+    np.testing.assert_array_equal(row_keep == 0, ref.loss(y_true, y_pred, [0, 32]) == 0)
+    assert_same(core.gradient(y_true, y_pred, grad_loss, row_keep=row_keep),
+                core.gradient(y_true, y_pred, grad_loss, [0, 32]))
 
 
 def test_misaligned_rows_are_read_correctly():
@@ -165,7 +185,9 @@ def test_device_entry_rejects_shapes_before_touching_memory():
     with pytest.raises(ValueError, match="must be positive"):
         _core.cuda_forward(0, 0, 0, [4, 0], "float32", [], 0)
     with pytest.raises(ValueError, match="negative dimension"):
-        _core.cuda_gradient(0, 0, 0, 0, [-1, 3], "float32", [], 0)
+        _core.cuda_gradient(0, 0, 0, 0, 0, [-1, 3], "float32", 0)
+    with pytest.raises(ValueError, match="row_keep is a null device pointer"):
+        _core.cuda_gradient(8, 8, 0, 8, 8, [2, 3], "float32", 0)
     with pytest.raises(ValueError, match=r"token id 3 is outside \[0, 3\)"):
         _core.cuda_forward(0, 0, 0, [2, 3], "float32", [3], 0)
     with pytest.raises(ValueError, match="null device pointer"):

@@ -18,9 +18,8 @@ import tensorflow as tf
 import fused_masked_mae as fm
 from fused_masked_mae import _loader
 from fused_masked_mae._loader import ops_library
+from raw_ops import raw_forward, raw_grad
 
-raw_forward = ops_library.import_fused_masked_mae_masked_mae
-raw_grad = ops_library.import_fused_masked_mae_masked_mae_grad
 IAE = tf.errors.InvalidArgumentError
 
 FLOAT_DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
@@ -83,15 +82,19 @@ def test_forward_rejects_bad_inputs(api, name, true_shape, pred_shape, tokens, k
         unknown_shape_function(fn, 2)(y_true, y_pred)
 
 
+# The gradient op has no token ids (it takes the forward's row_keep).
+GRAD_BAD_INPUTS = [case for case in BAD_INPUTS if not case[0].startswith("token")]
+
+
 @pytest.mark.parametrize("name, true_shape, pred_shape, tokens, kernel_msg, shape_fn_msg",
-                         BAD_INPUTS, ids=BAD_IDS)
+                         GRAD_BAD_INPUTS, ids=[case[0] for case in GRAD_BAD_INPUTS])
 def test_grad_op_rejects_bad_inputs(name, true_shape, pred_shape, tokens, kernel_msg,
                                     shape_fn_msg):
     y_true, y_pred = tf.zeros(true_shape), tf.ones(pred_shape)
     grad_loss = tf.ones(pred_shape[:-1])
 
-    def fn(t, p, g):
-        return raw_grad(y_true=t, y_pred=p, grad_loss=g, masked_tokens=tokens)
+    def fn(t, p, g):  # the gradient op alone, with a row_keep of the loss's shape
+        return raw_grad(y_true=t, y_pred=p, grad_loss=g, row_keep=tf.ones_like(g, tf.uint8))
 
     with pytest.raises(IAE, match=kernel_msg):
         fn(y_true, y_pred, grad_loss)
@@ -131,6 +134,38 @@ def test_grad_op_rejects_mismatched_grad_loss(grad_shape, shown):
             partly(y, y, g)
 
 
+@pytest.mark.parametrize("keep_shape, shown", [((3,), r"\[3\]"), ((2, 3, 1), r"\[2,3,1\]"),
+                                               ((), r"\[\]")], ids=["3", "2x3x1", "scalar"])
+def test_grad_op_rejects_mismatched_row_keep(keep_shape, shown):
+    y = tf.zeros((2, 3, 4))
+    message = (r"row_keep must have the shape of the loss \[2,3\] \(y_pred's shape without its "
+               r"last dimension\), got " + shown)
+
+    def fn(t, p, k):
+        return raw_grad(y_true=t, y_pred=p, grad_loss=tf.ones((2, 3)), row_keep=k)
+
+    keep = tf.ones(keep_shape, tf.uint8)
+    with pytest.raises(IAE, match=message):
+        fn(y, y, keep)
+    with pytest.raises(ValueError, match=message):
+        tf.function(fn)(y, y, keep)
+    with pytest.raises(IAE, match=message):
+        tf.function(fn, input_signature=[tf.TensorSpec(None, tf.float32)] * 2 +
+                    [tf.TensorSpec(None, tf.uint8)])(y, y, keep)
+    with pytest.raises((IAE, TypeError), match="uint8"):
+        fn(y, y, tf.ones((2, 3), tf.int32))
+
+
+def test_grad_op_reads_any_nonzero_keep_byte_as_kept():
+    y_true = tf.constant([[1.0, 0.0, 0.0]] * 4)
+    y_pred = tf.constant([[0.5, 0.2, 0.3]] * 4)
+    grad = raw_grad(y_true=y_true, y_pred=y_pred, grad_loss=tf.ones((4,)),
+                    row_keep=tf.constant([0, 1, 2, 255], tf.uint8)).numpy()
+    assert (grad[0] == 0).all()
+    np.testing.assert_array_equal(grad[1:], np.broadcast_to(grad[1], (3, 3)))
+    assert (grad[1] != 0).all()
+
+
 def test_grad_op_rejects_mismatched_grad_loss_dtype():
     y = tf.zeros((2, 3))
     with pytest.raises((IAE, TypeError), match="expected to be a float tensor but is a double"):
@@ -162,7 +197,8 @@ def test_non_float_dtypes(dtype):
     with pytest.raises(TypeError, match=graph):
         tf.function(lambda a: raw_forward(y_true=a, y_pred=a, masked_tokens=[0]))(x)
     with pytest.raises((IAE, TypeError), match=eager):
-        raw_grad(y_true=x, y_pred=x, grad_loss=tf.zeros((2,), dtype), masked_tokens=[0])
+        raw_grad(y_true=x, y_pred=x, grad_loss=tf.zeros((2,), dtype),
+                 row_keep=tf.ones((2,), tf.uint8))
 
 
 def test_python_int_and_string_inputs_are_type_errors():
@@ -199,8 +235,6 @@ def test_negative_token_ids_in_the_raw_ops():
     # At kernel construction, before the inputs (and C) are known.
     with pytest.raises(IAE, match=r"masked token ids must be >= 0, got -1"):
         raw_forward(y_true=x, y_pred=x, masked_tokens=[0, -1])
-    with pytest.raises(IAE, match=r"masked token ids must be >= 0, got -2"):
-        raw_grad(y_true=x, y_pred=x, grad_loss=tf.zeros((2,)), masked_tokens=[-2])
     with pytest.raises(IAE, match=r"masked token ids must be >= 0, got -1"):
         unknown_shape_function(raw_forward_fn([-1]), 2)(x, x)
     # With a static C the shape function names the id and C.

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 import fused_masked_mae as fm
 from fused_masked_mae import core
-from fused_masked_mae._loader import ops_library
+from raw_ops import raw_sparse_grad
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def block():
     y_pred = tf.constant(y_pred, tf.bfloat16)
     weights = tf.constant(weights, tf.bfloat16)
     loss = fm.sparse.sparse_masked_mae_tokens(ids, y_pred, TOKENS)
-    grad = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
+    grad = raw_sparse_grad(
         y_true_ids=ids, y_pred=y_pred, grad_loss=weights, masked_tokens=TOKENS)
     # The block itself is right (against the composite reference) and not trivial.
     values = tf.cast(loss, tf.float64).numpy()
@@ -137,7 +137,7 @@ def test_sparse_forward_beyond_2_31_elements(block, big):
 
 def test_sparse_gradient_beyond_2_31_elements(block, big):
     require_memory(TENSOR_GIB + 0.5, "the [%d, %d] gradient" % (ROWS, NUM_CLASSES))
-    grad = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
+    grad = raw_sparse_grad(
         y_true_ids=big["ids"], y_pred=big["y_pred"], grad_loss=big["weights"],
         masked_tokens=TOKENS)
     assert grad.shape == (ROWS, NUM_CLASSES)
@@ -148,7 +148,7 @@ def test_sparse_gradient_beyond_2_31_elements(block, big):
                                   bits(tf.gather(block["grad"], rows % BLOCK_ROWS)))
     # And the first and last rows equal the op on just those rows, sliced out.
     for rows in (slice(0, BLOCK_ROWS), slice(ROWS - BLOCK_ROWS, ROWS)):
-        alone = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
+        alone = raw_sparse_grad(
             y_true_ids=big["ids"][rows], y_pred=big["y_pred"][rows],
             grad_loss=big["weights"][rows], masked_tokens=TOKENS)
         np.testing.assert_array_equal(bits(grad[rows]), bits(alone))

@@ -32,8 +32,8 @@ from hypothesis.extra import numpy as hnp
 import fused_masked_mae as fm
 import numpy_reference
 from fused_masked_mae import core
-from fused_masked_mae._loader import ops_library
 from test_op_parity import RTOL
+from raw_ops import raw_forward, raw_grad, raw_sparse_forward, raw_sparse_grad
 
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 DEFAULT_EXAMPLES = 200
@@ -242,18 +242,18 @@ def test_core_equals_tf_kernels(case):
     weights = tf.constant(case.weights, case.dtype)
     t, p, g = y_true.numpy(), y_pred.numpy(), weights.numpy()
     assert_bitwise(core.forward(t, p, case.tokens),
-                   ops_library.import_fused_masked_mae_masked_mae(
+                   raw_forward(
                        y_true=y_true, y_pred=y_pred, masked_tokens=case.tokens))
     assert_bitwise(core.gradient(t, p, g, case.tokens),
-                   ops_library.import_fused_masked_mae_masked_mae_grad(
+                   raw_grad(
                        y_true=y_true, y_pred=y_pred, grad_loss=weights,
                        masked_tokens=case.tokens))
     ids = tf.constant(case.ids, tf.int32)
     assert_bitwise(core.forward(ids.numpy(), p, case.tokens, sparse=True),
-                   ops_library.import_fused_masked_mae_sparse_masked_mae(
+                   raw_sparse_forward(
                        y_true_ids=ids, y_pred=y_pred, masked_tokens=case.tokens))
     assert_bitwise(core.gradient(ids.numpy(), p, g, case.tokens, sparse=True),
-                   ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
+                   raw_sparse_grad(
                        y_true_ids=ids, y_pred=y_pred, grad_loss=weights,
                        masked_tokens=case.tokens))
 

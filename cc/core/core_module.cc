@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cc/kernels/host_float16.h"
+#include "cc/kernels/masked_mae_cpu.h"
 #include "cc/kernels/masked_mae_row.h"
 
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
@@ -145,71 +146,88 @@ RowView CheckTargets(const py::array& y_true, const py::array& y_pred, bool spar
   return view;
 }
 
-// Calls fn(row -> target row) for dense values of T or sparse int32/int64 ids.
+// Calls fn(targets) with y_true's data as T values (dense) or int32/int64 ids.
 template <typename T, typename Fn>
-auto WithTargetRows(const py::array& y_true, bool sparse, int64_t num_classes, Fn&& fn) {
-  if (!sparse) {
-    const T* t = static_cast<const T*>(y_true.data());
-    return fn([t, num_classes](int64_t row) { return DenseRow(t + row * num_classes); });
-  }
+auto WithTargets(const py::array& y_true, bool sparse, Fn&& fn) {
+  if (!sparse) return fn(static_cast<const T*>(y_true.data()));
   if (py::str(y_true.dtype().attr("name")).cast<std::string>() == "int32") {
-    const int32_t* ids = static_cast<const int32_t*>(y_true.data());
-    return fn([ids](int64_t row) { return SparseTargetRow{ids[row]}; });
+    return fn(static_cast<const int32_t*>(y_true.data()));
   }
-  const int64_t* ids = static_cast<const int64_t*>(y_true.data());
-  return fn([ids](int64_t row) { return SparseTargetRow{ids[row]}; });
+  return fn(static_cast<const int64_t*>(y_true.data()));
 }
 
-py::array Forward(const py::array& y_true, const py::array& y_pred,
-                  const std::vector<int64_t>& masked_tokens, bool sparse) {
+std::vector<int64_t> LossShape(const py::array& y_pred) {
+  std::vector<int64_t> shape = ShapeOf(y_pred);
+  shape.pop_back();
+  return shape;
+}
+
+// Runs the CPU forward launcher; returns the loss, and row_keep when asked.
+py::object Forward(const py::array& y_true, const py::array& y_pred,
+                   const std::vector<int64_t>& masked_tokens, bool sparse, bool return_keep) {
   const RowView view = CheckTargets(y_true, y_pred, sparse);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
-  std::vector<int64_t> loss_shape = ShapeOf(y_pred);
-  loss_shape.pop_back();
-  return DispatchCpuDtype(y_pred, [&](auto zero) {
+  const std::vector<int64_t> loss_shape = LossShape(y_pred);
+  py::array_t<uint8_t> row_keep(loss_shape);
+  py::array loss = DispatchCpuDtype(y_pred, [&](auto zero) {
     using T = decltype(zero);
-    py::array loss(y_pred.dtype(), loss_shape);
+    py::array out(y_pred.dtype(), loss_shape);
     const T* p = static_cast<const T*>(y_pred.data());
-    T* out = static_cast<T*>(loss.mutable_data());
-    return WithTargetRows<T>(y_true, sparse, view.num_classes, [&](auto target_row) {
+    T* o = static_cast<T*>(out.mutable_data());
+    uint8_t* keep = row_keep.mutable_data();
+    WithTargets<T>(y_true, sparse, [&](const auto* targets) {
       py::gil_scoped_release release;
-      for (int64_t row = 0; row < view.rows; ++row) {
-        out[row] = ComputeRowLoss(target_row(row), p + row * view.num_classes, view.num_classes,
-                                  tokens);
-      }
-      return loss;
+      CpuMaskedMaeForward(targets, p, view.rows, view.num_classes, tokens, o, keep, SerialFor);
+      return 0;
     });
+    return out;
   });
+  if (return_keep) return py::make_tuple(loss, row_keep);
+  return std::move(loss);
 }
 
+// The gradient from the forward's row_keep, or (row_keep None) from the
+// masked tokens, running the forward launcher for the keep bytes first.
 py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
-                   const std::vector<int64_t>& masked_tokens, bool sparse) {
+                   const std::vector<int64_t>& masked_tokens, bool sparse,
+                   const py::object& row_keep) {
   const RowView view = CheckTargets(y_true, y_pred, sparse);
-  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
-  std::vector<int64_t> loss_shape = ShapeOf(y_pred);
-  loss_shape.pop_back();
+  const std::vector<int64_t> loss_shape = LossShape(y_pred);
   if (ShapeOf(grad_loss) != loss_shape) {
     Fail("grad_loss must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
          ShapeString(ShapeOf(grad_loss)));
   }
   CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
   CheckCpuArray(grad_loss, "grad_loss", y_pred.dtype());
+  py::array keep;
+  if (row_keep.is_none()) {
+    keep = Forward(y_true, y_pred, masked_tokens, sparse, true).cast<py::tuple>()[1];
+  } else {
+    if (!masked_tokens.empty()) {
+      Fail("pass masked_tokens or row_keep, not both: row_keep already says which rows are "
+           "masked");
+    }
+    keep = row_keep.cast<py::array>();
+    if (ShapeOf(keep) != loss_shape) {
+      Fail("row_keep must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
+           ShapeString(ShapeOf(keep)));
+    }
+    CheckCpuArray(keep, "row_keep", py::dtype::of<uint8_t>());
+  }
   return DispatchCpuDtype(y_pred, [&](auto zero) {
     using T = decltype(zero);
     py::array grad(y_pred.dtype(), ShapeOf(y_pred));
     const T* p = static_cast<const T*>(y_pred.data());
     const T* g = static_cast<const T*>(grad_loss.data());
+    const uint8_t* k = static_cast<const uint8_t*>(keep.data());
     T* out = static_cast<T*>(grad.mutable_data());
-    return WithTargetRows<T>(y_true, sparse, view.num_classes, [&](auto target_row) {
+    WithTargets<T>(y_true, sparse, [&](const auto* targets) {
       py::gil_scoped_release release;
-      for (int64_t row = 0; row < view.rows; ++row) {
-        const int64_t offset = row * view.num_classes;
-        ComputeRowGradient(target_row(row), p + offset, view.num_classes, tokens, g[row],
-                           out + offset);
-      }
-      return grad;
+      CpuMaskedMaeGradient(targets, p, k, g, view.rows, view.num_classes, out, SerialFor);
+      return 0;
     });
+    return grad;
   });
 }
 
@@ -300,16 +318,20 @@ const char* sparse_name(const std::string& id_dtype) {
   return id_dtype.empty() ? "y_true" : "y_true_ids";
 }
 
-// The forward (grad_loss unused) or the gradient launch, dense or sparse.
-void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss,
-                uintptr_t out, const std::vector<int64_t>& shape, const std::string& dtype,
-                const std::vector<int64_t>& masked_tokens, uintptr_t stream,
-                const std::string& id_dtype) {
+// The forward (grad_loss unused; row_keep written when not 0) or the gradient
+// launch (masked_tokens unused; row_keep read), dense or sparse.
+void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep,
+                uintptr_t grad_loss, uintptr_t out, const std::vector<int64_t>& shape,
+                const std::string& dtype, const std::vector<int64_t>& masked_tokens,
+                uintptr_t stream, const std::string& id_dtype) {
   const RowView view = CheckRowShape(shape);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCudaPointer(y_true, "y_true", view.rows);
   CheckCudaPointer(y_pred, "y_pred", view.rows);
-  if (gradient) CheckCudaPointer(grad_loss, "grad_loss", view.rows);
+  if (gradient) {
+    CheckCudaPointer(row_keep, "row_keep", view.rows);
+    CheckCudaPointer(grad_loss, "grad_loss", view.rows);
+  }
   CheckCudaPointer(out, gradient ? "grad_y_pred" : "loss", view.rows);
   // dtype names are checked before the driver is asked anything.
   DispatchCudaDtype(dtype, [](auto) { return CUDA_SUCCESS; });
@@ -319,10 +341,10 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t gra
   // the stream must be on the one that holds y_pred.
   const int device = DeviceOf(y_pred, "y_pred");
   const std::pair<const char*, uintptr_t> others[] = {
-      {sparse_name(id_dtype), y_true}, {"grad_loss", grad_loss},
+      {sparse_name(id_dtype), y_true}, {"row_keep", row_keep}, {"grad_loss", grad_loss},
       {gradient ? "grad_y_pred" : "loss", out}};
   for (const auto& [name, ptr] : others) {
-    if (ptr == 0) continue;  // grad_loss of the forward
+    if (ptr == 0) continue;  // grad_loss of the forward, row_keep not asked for
     const int other = DeviceOf(ptr, name);
     if (other != device) {
       Fail(std::string("all arrays must be on one device: y_pred is on cuda:") +
@@ -345,20 +367,21 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t gra
       constexpr bool kDense = std::is_same_v<decltype(targets), const T*>;
       const T* p = reinterpret_cast<const T*>(y_pred);
       const T* g = reinterpret_cast<const T*>(grad_loss);
+      uint8_t* k = reinterpret_cast<uint8_t*>(row_keep);
       T* o = reinterpret_cast<T*>(out);
       const auto s = reinterpret_cast<cudaStream_t>(stream);
       const int64_t rows = view.rows, classes = view.num_classes;
       if (gradient) {
         if constexpr (kDense) {
-          return LaunchMaskedMaeGradient(targets, p, g, rows, classes, tokens, o, s);
+          return LaunchMaskedMaeGradient(targets, p, k, g, rows, classes, o, s);
         } else {
-          return LaunchSparseMaskedMaeGradient(targets, p, g, rows, classes, tokens, o, s);
+          return LaunchSparseMaskedMaeGradient(targets, p, k, g, rows, classes, o, s);
         }
       }
       if constexpr (kDense) {
-        return LaunchMaskedMaeForward(targets, p, rows, classes, tokens, o, s);
+        return LaunchMaskedMaeForward(targets, p, rows, classes, tokens, o, k, s);
       } else {
-        return LaunchSparseMaskedMaeForward(targets, p, rows, classes, tokens, o, s);
+        return LaunchSparseMaskedMaeForward(targets, p, rows, classes, tokens, o, k, s);
       }
     });
   };
@@ -377,11 +400,15 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "Fused masked MAE loss and gradient without TensorFlow (NumPy on CPU, CUDA pointers).";
   m.def("forward", &Forward, py::arg("y_true"), py::arg("y_pred"),
         py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
+        py::arg("return_keep") = false,
         "Per-position loss [...] for C-contiguous NumPy arrays [..., C] (sparse: y_true is "
-        "int32/int64 class ids [...]).");
+        "int32/int64 class ids [...]); with return_keep, (loss, row_keep) where row_keep is "
+        "the uint8 keep byte per row that gradient() takes.");
   m.def("gradient", &Gradient, py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"),
         py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
-        "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative).");
+        py::arg("row_keep") = py::none(),
+        "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative), from the "
+        "forward's row_keep or, without it, from masked_tokens.");
   m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
   m.def("probe_bandwidth", &ProbeBandwidth, py::arg("mode"), py::arg("megabytes") = 512.0,
         py::arg("threads") = 1, py::arg("repeats") = 5,
@@ -419,25 +446,27 @@ PYBIND11_MODULE(_core, m) {
       "cuda_forward",
       [](uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, const std::vector<int64_t>& shape,
          const std::string& dtype, const std::vector<int64_t>& masked_tokens, uintptr_t stream,
-         const std::string& id_dtype) {
-        CudaLaunch(false, y_true, y_pred, 0, loss, shape, dtype, masked_tokens, stream, id_dtype);
+         const std::string& id_dtype, uintptr_t row_keep) {
+        CudaLaunch(false, y_true, y_pred, row_keep, 0, loss, shape, dtype, masked_tokens, stream,
+                   id_dtype);
       },
       py::arg("y_true"), py::arg("y_pred"), py::arg("loss"), py::arg("shape"), py::arg("dtype"),
       py::arg("masked_tokens"), py::arg("stream"), py::arg("id_dtype") = std::string(),
-      "Launches the forward kernel on raw device pointers (row-major, contiguous).");
+      py::arg("row_keep") = uintptr_t{0},
+      "Launches the forward kernel on raw device pointers (row-major, contiguous); writes "
+      "the uint8 keep byte per row to row_keep unless it is 0.");
   m.def(
       "cuda_gradient",
-      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t grad_loss, uintptr_t grad_y_pred,
-         const std::vector<int64_t>& shape, const std::string& dtype,
-         const std::vector<int64_t>& masked_tokens, uintptr_t stream,
-         const std::string& id_dtype) {
-        CudaLaunch(true, y_true, y_pred, grad_loss, grad_y_pred, shape, dtype, masked_tokens,
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep, uintptr_t grad_loss,
+         uintptr_t grad_y_pred, const std::vector<int64_t>& shape, const std::string& dtype,
+         uintptr_t stream, const std::string& id_dtype) {
+        CudaLaunch(true, y_true, y_pred, row_keep, grad_loss, grad_y_pred, shape, dtype, {},
                    stream, id_dtype);
       },
-      py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"), py::arg("grad_y_pred"),
-      py::arg("shape"), py::arg("dtype"), py::arg("masked_tokens"), py::arg("stream"),
+      py::arg("y_true"), py::arg("y_pred"), py::arg("row_keep"), py::arg("grad_loss"),
+      py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"), py::arg("stream"),
       py::arg("id_dtype") = std::string(),
-      "Launches the gradient kernel on raw device pointers (row-major, contiguous).");
+      "Launches the gradient kernel on raw device pointers from the forward's row_keep.");
 #else
   m.attr("WITH_CUDA") = false;
 #endif

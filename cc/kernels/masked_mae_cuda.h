@@ -25,17 +25,20 @@ typedef struct CUstream_st* cudaStream_t;
 namespace fused_masked_mae {
 
 // T is float, double, HostHalf or HostBFloat16. Launches nothing for rows == 0.
+// The forward writes each row's keep byte to row_keep (may be null); the
+// gradient reads it back instead of re-deriving the argmaxes, one streaming
+// pass over its inputs.
 // Returns the launch status (asynchronous execution errors surface later on
-// the stream, as for any CUDA kernel); CudaErrorMessage (cuda_driver.h) says
+// the stream, as for any CUDA kernel); cuda::ErrorMessage (cuda_driver.h) says
 // what went wrong, e.g. a driver older than the minimum or no image for the GPU.
 template <typename T>
 CUresult LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
                                 int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
-                                cudaStream_t stream);
+                                uint8_t* row_keep, cudaStream_t stream);
 
 template <typename T>
-CUresult LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad_loss,
-                                 int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
+CUresult LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const uint8_t* row_keep,
+                                 const T* grad_loss, int64_t rows, int64_t num_classes,
                                  T* grad_y_pred, cudaStream_t stream);
 
 // The sparse loss: y_true_ids [rows] (int32 or int64) stands for one_hot(ids).
@@ -43,13 +46,12 @@ CUresult LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const T* grad
 template <typename T, typename Id>
 CUresult LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
                                       int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
-                                      cudaStream_t stream);
+                                      uint8_t* row_keep, cudaStream_t stream);
 
 template <typename T, typename Id>
-CUresult LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred, const T* grad_loss,
-                                       int64_t rows, int64_t num_classes,
-                                       const MaskedTokenSet& tokens, T* grad_y_pred,
-                                       cudaStream_t stream);
+CUresult LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
+                                       const uint8_t* row_keep, const T* grad_loss, int64_t rows,
+                                       int64_t num_classes, T* grad_y_pred, cudaStream_t stream);
 
 }  // namespace fused_masked_mae
 

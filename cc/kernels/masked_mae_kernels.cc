@@ -14,12 +14,12 @@
 #include <vector>
 
 #include "cc/kernels/host_float16.h"
+#include "cc/kernels/masked_mae_cpu.h"
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 #if GOOGLE_CUDA
 #include "cc/kernels/cuda_driver.h"
@@ -66,39 +66,28 @@ using GPUDevice = Eigen::GpuDevice;
 
 namespace {
 
-// Rough cycles per element of one row, for the thread pool's sharding.
-constexpr int64_t kCyclesPerElement = 8;
-
-// Runs fn(row) for every row on the op's CPU worker pool. Each row is computed
-// by one thread with a fixed reduction order, so results do not depend on how
-// rows are split across threads.
-template <typename RowFn>
-void ForEachRowParallel(OpKernelContext* ctx, int64_t rows, int64_t num_classes,
-                        const RowFn& fn) {
+// The CPU launchers' ParallelFor on the op's intra-op thread pool.
+ParallelFor OpThreadPool(OpKernelContext* ctx) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  workers->ParallelFor(rows, num_classes * kCyclesPerElement,
-                       [&fn](int64_t begin, int64_t end) {
-                         for (int64_t row = begin; row < end; ++row) fn(row);
-                       });
+  return [workers](int64_t rows, int64_t cost_per_row, const RowRangeBody& body) {
+    workers->ParallelFor(rows, cost_per_row, body);
+  };
 }
 
 }  // namespace
 
-// The target row of `row`: dense values, or the class id of the sparse loss.
-template <typename T, typename TargetT>
-auto TargetRowAt(const TargetT* y_true, int64_t row, int64_t num_classes) {
-  if constexpr (std::is_same_v<TargetT, T>) {
-    return DenseRow(AsHost(y_true) + row * num_classes);
-  } else {
-    return SparseTargetRow{static_cast<int64_t>(y_true[row])};
-  }
+template <typename T>
+auto AsHostTargets(const T* y_true) {
+  return AsHost(y_true);
 }
+inline const int32_t* AsHostTargets(const int32_t* ids) { return ids; }
+inline const int64_t* AsHostTargets(const int64_t* ids) { return ids; }
 
 template <typename T, typename TargetT>
 struct MaskedMaeFunctor<CPUDevice, T, TargetT> {
   absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
                           int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
-                          T* loss) {
+                          T* loss, uint8_t* row_keep) {
     const auto* p = AsHost(y_pred);
     auto* out = AsHost(loss);
 #ifdef FUSED_MASKED_MAE_PLANT_OOB_READ_FOR_SANITIZER_TEST
@@ -107,10 +96,8 @@ struct MaskedMaeFunctor<CPUDevice, T, TargetT> {
     out[0] = static_cast<std::remove_pointer_t<decltype(out)>>(
         static_cast<float>(p[rows * num_classes]));
 #endif
-    ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
-      out[row] = ComputeRowLoss(TargetRowAt<T>(y_true, row, num_classes), p + row * num_classes,
-                                num_classes, tokens);
-    });
+    CpuMaskedMaeForward(AsHostTargets(y_true), p, rows, num_classes, tokens, out, row_keep,
+                        OpThreadPool(ctx));
     return absl::OkStatus();
   }
 };
@@ -118,16 +105,10 @@ struct MaskedMaeFunctor<CPUDevice, T, TargetT> {
 template <typename T, typename TargetT>
 struct MaskedMaeGradFunctor<CPUDevice, T, TargetT> {
   absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
-                          const T* grad_loss, int64_t rows, int64_t num_classes,
-                          const MaskedTokenSet& tokens, T* grad_y_pred) {
-    const auto* p = AsHost(y_pred);
-    const auto* g = AsHost(grad_loss);
-    auto* out = AsHost(grad_y_pred);
-    ForEachRowParallel(ctx, rows, num_classes, [&](int64_t row) {
-      const int64_t offset = row * num_classes;
-      ComputeRowGradient(TargetRowAt<T>(y_true, row, num_classes), p + offset, num_classes,
-                         tokens, g[row], out + offset);
-    });
+                          const uint8_t* row_keep, const T* grad_loss, int64_t rows,
+                          int64_t num_classes, T* grad_y_pred) {
+    CpuMaskedMaeGradient(AsHostTargets(y_true), AsHost(y_pred), row_keep, AsHost(grad_loss),
+                         rows, num_classes, AsHost(grad_y_pred), OpThreadPool(ctx));
     return absl::OkStatus();
   }
 };
@@ -149,15 +130,16 @@ template <typename T, typename TargetT>
 struct MaskedMaeFunctor<GPUDevice, T, TargetT> {
   absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
                           int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
-                          T* loss) {
+                          T* loss, uint8_t* row_keep) {
     const auto stream = ctx->eigen_device<GPUDevice>().stream();
     if constexpr (std::is_same_v<TargetT, T>) {
       return LaunchStatus(LaunchMaskedMaeForward(AsCuda(y_true), AsCuda(y_pred), rows,
-                                                 num_classes, tokens, AsCuda(loss), stream),
+                                                 num_classes, tokens, AsCuda(loss), row_keep,
+                                                 stream),
                           "masked MAE forward");
     } else {
       return LaunchStatus(LaunchSparseMaskedMaeForward(y_true, AsCuda(y_pred), rows, num_classes,
-                                                       tokens, AsCuda(loss), stream),
+                                                       tokens, AsCuda(loss), row_keep, stream),
                           "sparse masked MAE forward");
     }
   }
@@ -166,18 +148,18 @@ struct MaskedMaeFunctor<GPUDevice, T, TargetT> {
 template <typename T, typename TargetT>
 struct MaskedMaeGradFunctor<GPUDevice, T, TargetT> {
   absl::Status operator()(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
-                          const T* grad_loss, int64_t rows, int64_t num_classes,
-                          const MaskedTokenSet& tokens, T* grad_y_pred) {
+                          const uint8_t* row_keep, const T* grad_loss, int64_t rows,
+                          int64_t num_classes, T* grad_y_pred) {
     const auto stream = ctx->eigen_device<GPUDevice>().stream();
     if constexpr (std::is_same_v<TargetT, T>) {
       return LaunchStatus(
-          LaunchMaskedMaeGradient(AsCuda(y_true), AsCuda(y_pred), AsCuda(grad_loss), rows,
-                                  num_classes, tokens, AsCuda(grad_y_pred), stream),
+          LaunchMaskedMaeGradient(AsCuda(y_true), AsCuda(y_pred), row_keep, AsCuda(grad_loss),
+                                  rows, num_classes, AsCuda(grad_y_pred), stream),
           "masked MAE gradient");
     } else {
       return LaunchStatus(
-          LaunchSparseMaskedMaeGradient(y_true, AsCuda(y_pred), AsCuda(grad_loss), rows,
-                                        num_classes, tokens, AsCuda(grad_y_pred), stream),
+          LaunchSparseMaskedMaeGradient(y_true, AsCuda(y_pred), row_keep, AsCuda(grad_loss),
+                                        rows, num_classes, AsCuda(grad_y_pred), stream),
           "sparse masked MAE gradient");
     }
   }
@@ -193,10 +175,77 @@ struct MaskedMaeGradFunctor<GPUDevice, T, TargetT> {
     }                                                \
   } while (0)
 
-// Attribute parsing and input validation shared by the forward and grad kernels.
-class MaskedMaeOpBase : public OpKernel {
+// Input validation shared by the forward and grad kernels.
+// Checks y_true/y_pred and sets the [rows, num_classes] view and the loss
+// shape. Returns false (with ctx's status set) on invalid input.
+// Dense: y_true has y_pred's shape. Sparse (TargetT an integer): y_true holds
+// class ids of y_pred's shape without its last axis, each in [0, C); the ids
+// are checked here on CPU (on GPU they are in device memory, and the kernels
+// give NaN for an invalid id, as TensorFlow's sparse cross-entropy does).
+// tokens (the forward's masked ids) must be below C.
+template <typename Device, typename T, typename TargetT>
+bool ValidateInputs(OpKernelContext* ctx, const Tensor& y_true, const Tensor& y_pred,
+                    const MaskedTokenSet& tokens, int64_t* rows, int64_t* num_classes,
+                    TensorShape* loss_shape) {
+  constexpr bool kSparse = !std::is_same_v<TargetT, T>;
+  OP_REQUIRES_VALUE_OR_FALSE(ctx, y_pred.dims() >= 1,
+                             absl::InvalidArgumentError(absl::StrCat(
+                                 "y_pred must have rank >= 1 (a last axis of classes), got "
+                                 "shape ",
+                                 y_pred.shape().DebugString())));
+  *loss_shape = y_pred.shape();
+  loss_shape->RemoveLastDims(1);
+  const TensorShape& expected = kSparse ? *loss_shape : y_pred.shape();
+  OP_REQUIRES_VALUE_OR_FALSE(
+      ctx, y_true.shape() == expected,
+      absl::InvalidArgumentError(absl::StrCat(
+          kSparse ? "y_true_ids must have y_pred's shape without its last dimension, got "
+                    "y_true_ids "
+                  : "y_true and y_pred must have the same shape, got y_true ",
+          y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
+  *num_classes = y_pred.dim_size(y_pred.dims() - 1);
+  OP_REQUIRES_VALUE_OR_FALSE(
+      ctx, *num_classes > 0,
+      absl::InvalidArgumentError(
+          absl::StrCat("the last dimension (classes) must be positive, got shape ",
+                       y_pred.shape().DebugString())));
+  for (int k = 0; k < tokens.count; ++k) {
+    OP_REQUIRES_VALUE_OR_FALSE(
+        ctx, tokens.ids[k] < *num_classes,
+        absl::InvalidArgumentError(absl::StrCat("masked token id ", tokens.ids[k],
+                                                " is outside [0, ", *num_classes,
+                                                ") for inputs with ", *num_classes,
+                                                " classes")));
+  }
+  *rows = loss_shape->num_elements();
+  if constexpr (kSparse && std::is_same_v<Device, CPUDevice>) {
+    const auto ids = y_true.flat<TargetT>();
+    for (int64_t i = 0; i < ids.size(); ++i) {
+      OP_REQUIRES_VALUE_OR_FALSE(
+          ctx, ids(i) >= 0 && ids(i) < *num_classes,
+          absl::InvalidArgumentError(absl::StrCat(
+              "y_true_ids[", i, "] (flat index) = ", ids(i), " is outside [0, ", *num_classes,
+              ") for y_pred with ", *num_classes, " classes")));
+    }
+  }
+  return true;
+}
+
+// A per-row input of the gradient (row_keep, grad_loss) must have the loss's shape.
+bool ValidateRowInput(OpKernelContext* ctx, const Tensor& tensor, const char* name,
+                      const TensorShape& loss_shape) {
+  OP_REQUIRES_VALUE_OR_FALSE(
+      ctx, tensor.shape() == loss_shape,
+      absl::InvalidArgumentError(absl::StrCat(
+          name, " must have the shape of the loss ", loss_shape.DebugString(),
+          " (y_pred's shape without its last dimension), got ", tensor.shape().DebugString())));
+  return true;
+}
+
+template <typename Device, typename T, typename TargetT>
+class MaskedMaeOp : public OpKernel {
  public:
-  explicit MaskedMaeOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit MaskedMaeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     std::vector<int64_t> ids;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("masked_tokens", &ids));
     OP_REQUIRES(ctx, ids.size() <= static_cast<size_t>(kMaxMaskedTokens),
@@ -212,114 +261,55 @@ class MaskedMaeOpBase : public OpKernel {
     }
   }
 
- protected:
-  // Checks y_true/y_pred and sets the [rows, num_classes] view and the loss
-  // shape. Returns false (with ctx's status set) on invalid input.
-  // Dense: y_true has y_pred's shape. Sparse (TargetT an integer): y_true
-  // holds class ids of y_pred's shape without its last axis, each in [0, C);
-  // the ids are checked here on CPU (on GPU they are in device memory, and
-  // the kernels give NaN for an invalid id, as TensorFlow's sparse
-  // cross-entropy does).
-  template <typename Device, typename T, typename TargetT>
-  bool ValidateInputs(OpKernelContext* ctx, const Tensor& y_true, const Tensor& y_pred,
-                      int64_t* rows, int64_t* num_classes, TensorShape* loss_shape) {
-    constexpr bool kSparse = !std::is_same_v<TargetT, T>;
-    OP_REQUIRES_VALUE_OR_FALSE(ctx, y_pred.dims() >= 1,
-                               absl::InvalidArgumentError(absl::StrCat(
-                                   "y_pred must have rank >= 1 (a last axis of classes), got "
-                                   "shape ",
-                                   y_pred.shape().DebugString())));
-    *loss_shape = y_pred.shape();
-    loss_shape->RemoveLastDims(1);
-    const TensorShape& expected = kSparse ? *loss_shape : y_pred.shape();
-    OP_REQUIRES_VALUE_OR_FALSE(
-        ctx, y_true.shape() == expected,
-        absl::InvalidArgumentError(absl::StrCat(
-            kSparse ? "y_true_ids must have y_pred's shape without its last dimension, got "
-                      "y_true_ids "
-                    : "y_true and y_pred must have the same shape, got y_true ",
-            y_true.shape().DebugString(), " and y_pred ", y_pred.shape().DebugString())));
-    *num_classes = y_pred.dim_size(y_pred.dims() - 1);
-    OP_REQUIRES_VALUE_OR_FALSE(
-        ctx, *num_classes > 0,
-        absl::InvalidArgumentError(
-            absl::StrCat("the last dimension (classes) must be positive, got shape ",
-                         y_pred.shape().DebugString())));
-    for (int k = 0; k < tokens_.count; ++k) {
-      OP_REQUIRES_VALUE_OR_FALSE(
-          ctx, tokens_.ids[k] < *num_classes,
-          absl::InvalidArgumentError(absl::StrCat("masked token id ", tokens_.ids[k],
-                                                  " is outside [0, ", *num_classes,
-                                                  ") for inputs with ", *num_classes,
-                                                  " classes")));
-    }
-    *rows = loss_shape->num_elements();
-    if constexpr (kSparse && std::is_same_v<Device, CPUDevice>) {
-      const auto ids = y_true.flat<TargetT>();
-      for (int64_t i = 0; i < ids.size(); ++i) {
-        OP_REQUIRES_VALUE_OR_FALSE(
-            ctx, ids(i) >= 0 && ids(i) < *num_classes,
-            absl::InvalidArgumentError(absl::StrCat(
-                "y_true_ids[", i, "] (flat index) = ", ids(i), " is outside [0, ", *num_classes,
-                ") for y_pred with ", *num_classes, " classes")));
-      }
-    }
-    return true;
-  }
-
-  MaskedTokenSet tokens_{};
-};
-
-template <typename Device, typename T, typename TargetT>
-class MaskedMaeOp : public MaskedMaeOpBase {
- public:
-  using MaskedMaeOpBase::MaskedMaeOpBase;
-
   void Compute(OpKernelContext* ctx) override {
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
     int64_t rows, num_classes;
     TensorShape loss_shape;
-    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, &rows, &num_classes,
+    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, tokens_, &rows, &num_classes,
                                             &loss_shape)) {
       return;
     }
     Tensor* loss = nullptr;
+    Tensor* row_keep = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, loss_shape, &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, loss_shape, &row_keep));
     if (rows == 0) return;
     OP_REQUIRES_OK(ctx, (MaskedMaeFunctor<Device, T, TargetT>()(
                             ctx, y_true.flat<TargetT>().data(), y_pred.flat<T>().data(), rows,
-                            num_classes, tokens_, loss->flat<T>().data())));
+                            num_classes, tokens_, loss->flat<T>().data(),
+                            row_keep->flat<uint8_t>().data())));
   }
+
+ private:
+  MaskedTokenSet tokens_{};
 };
 
 template <typename Device, typename T, typename TargetT>
-class MaskedMaeGradOp : public MaskedMaeOpBase {
+class MaskedMaeGradOp : public OpKernel {
  public:
-  using MaskedMaeOpBase::MaskedMaeOpBase;
+  using OpKernel::OpKernel;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& y_true = ctx->input(0);
     const Tensor& y_pred = ctx->input(1);
-    const Tensor& grad_loss = ctx->input(2);
+    const Tensor& row_keep = ctx->input(2);
+    const Tensor& grad_loss = ctx->input(3);
     int64_t rows, num_classes;
     TensorShape loss_shape;
-    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, &rows, &num_classes,
-                                            &loss_shape)) {
+    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, MaskedTokenSet{}, &rows,
+                                            &num_classes, &loss_shape) ||
+        !ValidateRowInput(ctx, row_keep, "row_keep", loss_shape) ||
+        !ValidateRowInput(ctx, grad_loss, "grad_loss", loss_shape)) {
       return;
     }
-    OP_REQUIRES(ctx, grad_loss.shape() == loss_shape,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "grad_loss must have the shape of the loss ", loss_shape.DebugString(),
-                    " (y_pred's shape without its last dimension), got ",
-                    grad_loss.shape().DebugString())));
     Tensor* grad_y_pred = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_pred.shape(), &grad_y_pred));
     if (rows == 0) return;
     OP_REQUIRES_OK(ctx, (MaskedMaeGradFunctor<Device, T, TargetT>()(
                             ctx, y_true.flat<TargetT>().data(), y_pred.flat<T>().data(),
-                            grad_loss.flat<T>().data(), rows, num_classes, tokens_,
-                            grad_y_pred->flat<T>().data())));
+                            row_keep.flat<uint8_t>().data(), grad_loss.flat<T>().data(), rows,
+                            num_classes, grad_y_pred->flat<T>().data())));
   }
 };
 

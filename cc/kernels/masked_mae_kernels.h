@@ -2,6 +2,9 @@
 // the OpKernels in masked_mae_kernels.cc validate inputs and allocate outputs,
 // then call these on CPU or GPU. Inputs are viewed as [rows, num_classes].
 //
+// The forward also writes one keep byte per row (row_keep), which the gradient
+// reads instead of re-deriving the argmaxes.
+//
 // TargetT is T for the dense loss (y_true [rows, num_classes]) and int32/int64
 // for the sparse loss (y_true_ids [rows], standing for one_hot(ids)).
 #ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
@@ -16,14 +19,14 @@ template <typename Device, typename T, typename TargetT>
 struct MaskedMaeFunctor {
   absl::Status operator()(tensorflow::OpKernelContext* ctx, const TargetT* y_true,
                           const T* y_pred, int64_t rows, int64_t num_classes,
-                          const MaskedTokenSet& tokens, T* loss);
+                          const MaskedTokenSet& tokens, T* loss, uint8_t* row_keep);
 };
 
 template <typename Device, typename T, typename TargetT>
 struct MaskedMaeGradFunctor {
   absl::Status operator()(tensorflow::OpKernelContext* ctx, const TargetT* y_true,
-                          const T* y_pred, const T* grad_loss, int64_t rows, int64_t num_classes,
-                          const MaskedTokenSet& tokens, T* grad_y_pred);
+                          const T* y_pred, const uint8_t* row_keep, const T* grad_loss,
+                          int64_t rows, int64_t num_classes, T* grad_y_pred);
 };
 
 }  // namespace fused_masked_mae

@@ -5,6 +5,9 @@
 //   loss  = keep * (sum_c |p_c - t_c|) / C
 //   dloss/dp_c = ((upstream * keep) / C) * sign(p_c - t_c),   dloss/dt_c = -dloss/dp_c
 //
+// The forward saves keep as one byte per row; the gradient reads it back, so
+// it streams y_true and y_pred once and computes no argmax.
+//
 // The operation order above mirrors what TensorFlow's autodiff computes for the
 // composite reference (Mul, Mean, Abs, Sub gradients), so float32/float64
 // gradients match it bit for bit; keep * mean (not a branch) keeps NaN/Inf
@@ -181,6 +184,18 @@ MMAE_HOST_DEVICE Acc RowLoss(const RowPartial<Acc>& row, const MaskedTokenSet& t
   return MaskedMean(KeepFactor(row, tokens), row.abs_diff_sum, num_classes);
 }
 
+// The keep factor as the forward saves it for the gradient: one byte per row,
+// 1 or 0. The gradient reads any nonzero byte as 1.
+template <typename Acc>
+MMAE_HOST_DEVICE uint8_t KeepByte(Acc keep) {
+  return keep != Acc(0) ? 1 : 0;
+}
+
+template <typename Acc>
+MMAE_HOST_DEVICE Acc KeepFromByte(uint8_t keep_byte) {
+  return keep_byte != 0 ? Acc(1) : Acc(0);
+}
+
 // The per-row factor of the gradient: (upstream * keep) / C.
 template <typename Acc>
 MMAE_HOST_DEVICE Acc GradientScale(Acc upstream, Acc keep, int64_t num_classes) {
@@ -236,8 +251,8 @@ struct SparseTargetRow {
 };
 
 // ---------------------------------------------------------------------------
-// Whole-row routines for host code (the TensorFlow CPU kernel and the pybind11
-// CPU path, through masked_mae_cpu.cc). A row is `num_classes` contiguous
+// Whole-row routines for host code (the CPU launchers in masked_mae_cpu.cc,
+// which the TensorFlow CPU kernels, the XLA CPU handlers and _core call). A row is `num_classes` contiguous
 // elements.
 //
 // The scan is split in two passes so the hot loop vectorizes: pass 1 keeps, in
@@ -353,21 +368,24 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
   return {Acc(KeepFactorFor(t_index, prediction_equal, tokens)), sum[0]};
 }
 
+// The row's loss, and its keep factor as one byte (1 = the position counts,
+// 0 = masked) for the gradient, so that the backward pass never re-derives
+// the argmaxes.
 template <typename T, typename TargetRow>
 inline T ComputeRowLoss(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
-                        const MaskedTokenSet& tokens) {
+                        const MaskedTokenSet& tokens, uint8_t* keep_byte) {
   const auto row = ScanRow(y_true, y_pred, num_classes, tokens);
+  *keep_byte = KeepByte(row.keep);
   return static_cast<T>(MaskedMean(row.keep, row.abs_diff_sum, num_classes));
 }
 
-// Writes d loss / d y_pred for one row. Scans the row once for the argmaxes
-// (the keep factor needs the whole row), then writes every element.
+// Writes d loss / d y_pred for one row from the keep byte the forward saved:
+// one streaming pass over the row, no argmax work.
 template <typename T, typename TargetRow>
 inline void ComputeRowGradient(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
-                               const MaskedTokenSet& tokens, T upstream, T* grad_y_pred) {
+                               uint8_t keep_byte, T upstream, T* grad_y_pred) {
   using Acc = typename AccumulatorOf<T>::type;
-  const Acc keep = ScanRow(y_true, y_pred, num_classes, tokens).keep;
-  const Acc scale = RowGradientScale(upstream, keep, num_classes);
+  const Acc scale = RowGradientScale(upstream, KeepFromByte<Acc>(keep_byte), num_classes);
   if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
     // Every element independently: zero targets, then the one at id.
     for (int64_t i = 0; i < num_classes; ++i) {

@@ -26,8 +26,8 @@ Status ValidateClasses(InferenceContext* c, ShapeHandle y_pred) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the last dimension (classes) must be positive, got shape ", c->DebugString(y_pred)));
   }
-  std::vector<int64_t> tokens;
-  TF_RETURN_IF_ERROR(c->GetAttr("masked_tokens", &tokens));
+  std::vector<int64_t> tokens;  // the forward's; the gradient ops have none
+  if (!c->GetAttr("masked_tokens", &tokens).ok()) tokens.clear();
   for (int64_t token : tokens) {
     if (token < 0 || token >= num_classes) {
       return absl::InvalidArgumentError(absl::StrCat("masked token id ", token,
@@ -67,12 +67,16 @@ Status ValidateSparsePair(InferenceContext* c, ShapeHandle y_true_ids, ShapeHand
   return ValidateClasses(c, y_pred);
 }
 
-Status CheckGradLossShape(InferenceContext* c, ShapeHandle grad_loss, ShapeHandle loss_shape) {
-  ShapeHandle unused;
-  if (!c->Merge(grad_loss, loss_shape, &unused).ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "grad_loss must have the shape of the loss ", c->DebugString(loss_shape),
-        " (y_pred's shape without its last dimension), got ", c->DebugString(grad_loss)));
+// The gradient's per-row inputs (row_keep, grad_loss) have the loss's shape.
+Status CheckRowInputShapes(InferenceContext* c, ShapeHandle loss_shape) {
+  const char* names[] = {"row_keep", "grad_loss"};
+  for (int k = 0; k < 2; ++k) {
+    ShapeHandle input = c->input(2 + k), unused;
+    if (!c->Merge(input, loss_shape, &unused).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          names[k], " must have the shape of the loss ", c->DebugString(loss_shape),
+          " (y_pred's shape without its last dimension), got ", c->DebugString(input)));
+    }
   }
   return absl::OkStatus();
 }
@@ -83,6 +87,7 @@ Status MaskedMaeShape(InferenceContext* c) {
   ShapeHandle loss_shape;
   TF_RETURN_IF_ERROR(c->Subshape(merged, 0, -1, &loss_shape));
   c->set_output(0, loss_shape);
+  c->set_output(1, loss_shape);
   return absl::OkStatus();
 }
 
@@ -91,7 +96,7 @@ Status MaskedMaeGradShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(ValidatePair(c, c->input(0), c->input(1), &merged));
   ShapeHandle loss_shape;
   TF_RETURN_IF_ERROR(c->Subshape(merged, 0, -1, &loss_shape));
-  TF_RETURN_IF_ERROR(CheckGradLossShape(c, c->input(2), loss_shape));
+  TF_RETURN_IF_ERROR(CheckRowInputShapes(c, loss_shape));
   c->set_output(0, merged);
   return absl::OkStatus();
 }
@@ -100,13 +105,14 @@ Status SparseMaskedMaeShape(InferenceContext* c) {
   ShapeHandle loss_shape;
   TF_RETURN_IF_ERROR(ValidateSparsePair(c, c->input(0), c->input(1), &loss_shape));
   c->set_output(0, loss_shape);
+  c->set_output(1, loss_shape);
   return absl::OkStatus();
 }
 
 Status SparseMaskedMaeGradShape(InferenceContext* c) {
   ShapeHandle loss_shape;
   TF_RETURN_IF_ERROR(ValidateSparsePair(c, c->input(0), c->input(1), &loss_shape));
-  TF_RETURN_IF_ERROR(CheckGradLossShape(c, c->input(2), loss_shape));
+  TF_RETURN_IF_ERROR(CheckRowInputShapes(c, loss_shape));
   c->set_output(0, c->input(1));
   return absl::OkStatus();
 }
@@ -116,23 +122,27 @@ Status SparseMaskedMaeGradShape(InferenceContext* c) {
 // loss[...] = keep * mean(|y_pred - y_true|, axis=-1), where keep = 0 when
 // argmax(y_true) == argmax(y_pred) (tf.math.argmax semantics: first index of the
 // maximum, NaN never selected) and that id is in masked_tokens, else 1.
+// row_keep[...] is keep as a byte, kept for the gradient so that it never
+// re-derives the argmaxes.
 REGISTER_OP("Import_fused_masked_mae>MaskedMae")
     .Input("y_true: T")
     .Input("y_pred: T")
     .Output("loss: T")
+    .Output("row_keep: uint8")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("masked_tokens: list(int) = []")
     .SetShapeFn(MaskedMaeShape);
 
-// grad_y_pred = grad_loss[..., None] * keep / C * sign(y_pred - y_true), sign(0) = 0.
-// The gradient for y_true is its negative; nothing flows through the argmax.
+// grad_y_pred = grad_loss[..., None] * keep / C * sign(y_pred - y_true), sign(0) = 0,
+// with keep = (row_keep != 0) from the forward. The gradient for y_true is its
+// negative; nothing flows through the argmax.
 REGISTER_OP("Import_fused_masked_mae>MaskedMaeGrad")
     .Input("y_true: T")
     .Input("y_pred: T")
+    .Input("row_keep: uint8")
     .Input("grad_loss: T")
     .Output("grad_y_pred: T")
     .Attr("T: {half, bfloat16, float, double}")
-    .Attr("masked_tokens: list(int) = []")
     .SetShapeFn(MaskedMaeGradShape);
 
 // The sparse loss: y_true_ids [...] (int32/int64 class ids) stands for
@@ -143,6 +153,7 @@ REGISTER_OP("Import_fused_masked_mae>SparseMaskedMae")
     .Input("y_true_ids: Tidx")
     .Input("y_pred: T")
     .Output("loss: T")
+    .Output("row_keep: uint8")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tidx: {int32, int64} = DT_INT64")
     .Attr("masked_tokens: list(int) = []")
@@ -151,11 +162,11 @@ REGISTER_OP("Import_fused_masked_mae>SparseMaskedMae")
 REGISTER_OP("Import_fused_masked_mae>SparseMaskedMaeGrad")
     .Input("y_true_ids: Tidx")
     .Input("y_pred: T")
+    .Input("row_keep: uint8")
     .Input("grad_loss: T")
     .Output("grad_y_pred: T")
     .Attr("T: {half, bfloat16, float, double}")
     .Attr("Tidx: {int32, int64} = DT_INT64")
-    .Attr("masked_tokens: list(int) = []")
     .SetShapeFn(SparseMaskedMaeGradShape);
 
 }  // namespace fused_masked_mae

@@ -16,7 +16,7 @@ import numpy as np
 from fused_masked_mae import _core
 
 _TYPESTR_DTYPES = {
-    "<f2": "float16", "<f4": "float32", "<f8": "float64", "<i4": "int32", "<i8": "int64",
+    "|u1": "uint8", "<f2": "float16", "<f4": "float32", "<f8": "float64", "<i4": "int32", "<i8": "int64",
 }
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 _IDS = ("int32", "int64")
@@ -39,7 +39,9 @@ class _DeviceArray:
             self.contiguous = array.is_contiguous()
             self.device = ("cuda", array.device.index)
             self.stream = torch.cuda.current_stream(array.device).cuda_stream
-            self._empty = lambda shape: torch.empty(shape, dtype=array.dtype, device=array.device)
+            self._empty = lambda shape, dtype=None: torch.empty(
+                shape, dtype=getattr(torch, dtype) if dtype else array.dtype, device=array.device
+            )
         else:
             cai = array.__cuda_array_interface__
             self.ptr = cai["data"][0]
@@ -56,7 +58,7 @@ class _DeviceArray:
             if module == "cupy":
                 import cupy
 
-                self._empty = lambda shape: cupy.empty(shape, dtype=array.dtype)
+                self._empty = lambda shape, dtype=None: cupy.empty(shape, dtype=dtype or array.dtype)
             else:
                 self._empty = None
         if self.dtype not in allowed:
@@ -64,10 +66,11 @@ class _DeviceArray:
         if not self.contiguous:
             raise ValueError(f"{name} must be C-contiguous")
 
-    def empty(self, shape):
+    def empty(self, shape, dtype=None):
+        """A new array of `shape` beside this one (this one's dtype unless given)."""
         if self._empty is None:
             raise TypeError(f"pass out= to write results for {type(self.array).__name__} arrays")
-        return self._empty(shape)
+        return self._empty(shape, dtype)
 
 
 def _c_strides(shape, itemsize):
@@ -127,29 +130,44 @@ def _device_output(like, out, shape, name):
     return out, o
 
 
-def forward(y_true, y_pred, masked_tokens=(), out=None, sparse=False):
+def forward(y_true, y_pred, masked_tokens=(), out=None, sparse=False, return_keep=False):
     """Per-position loss `[...]` of inputs `[..., C]` (see fused_masked_mae.masked_mae).
 
     With sparse=True, y_true holds int32/int64 class ids `[...]` (see
     sparse_masked_mae); on the GPU an id outside [0, C) gives NaN.
+    With return_keep=True, returns `(loss, row_keep)`: row_keep is the uint8
+    keep byte per position (0 where the position is masked) that `gradient`
+    takes to skip re-deriving the argmaxes.
     """
     tokens = [int(t) for t in masked_tokens]
     if not _is_device_array(y_pred):
-        return _core.forward(np.asarray(y_true), np.asarray(y_pred), tokens, sparse)
+        if out is not None:
+            raise TypeError("out= is for device arrays; NumPy results are returned")
+        return _core.forward(np.asarray(y_true), np.asarray(y_pred), tokens, sparse, return_keep)
     _require_cuda()
     t, p = _device_inputs(y_true, y_pred, sparse)
     out, o = _device_output(p, out, p.shape[:-1], "loss")
+    keep = p.empty(p.shape[:-1], "uint8") if return_keep else None
     _core.cuda_forward(t.ptr, p.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream,
-                       t.dtype if sparse else "")
-    return out
+                       t.dtype if sparse else "", _DeviceArray(keep, "row_keep", ("uint8",)).ptr
+                       if keep is not None else 0)
+    return (out, keep) if return_keep else out
 
 
-def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None, sparse=False):
-    """d loss / d y_pred, shape `[..., C]`, for an upstream gradient `grad_loss` `[...]`."""
+def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None, sparse=False, row_keep=None):
+    """d loss / d y_pred, shape `[..., C]`, for an upstream gradient `grad_loss` `[...]`.
+
+    Pass the forward's `row_keep` (`forward(..., return_keep=True)`) for the
+    one-pass gradient; without it the masked tokens decide, and the forward
+    runs first to find the keep bytes.
+    """
     tokens = [int(t) for t in masked_tokens]
     if not _is_device_array(y_pred):
+        if out is not None:
+            raise TypeError("out= is for device arrays; NumPy results are returned")
         return _core.gradient(
-            np.asarray(y_true), np.asarray(y_pred), np.asarray(grad_loss), tokens, sparse
+            np.asarray(y_true), np.asarray(y_pred), np.asarray(grad_loss), tokens, sparse,
+            None if row_keep is None else np.asarray(row_keep),
         )
     _require_cuda()
     t, p = _device_inputs(y_true, y_pred, sparse)
@@ -159,7 +177,18 @@ def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None, sparse=False
             f"grad_loss must be a {p.dtype} array of shape {list(p.shape[:-1])} on {p.device}, "
             f"got {g.dtype} {list(g.shape)} on {g.device}"
         )
+    if row_keep is None:
+        _, row_keep = forward(y_true, y_pred, tokens, sparse=sparse, return_keep=True)
+    elif tokens:
+        raise ValueError("pass masked_tokens or row_keep, not both: row_keep already says "
+                         "which rows are masked")
+    k = _DeviceArray(row_keep, "row_keep", ("uint8",))
+    if k.shape != p.shape[:-1] or k.device != p.device:
+        raise ValueError(
+            f"row_keep must be a uint8 array of shape {list(p.shape[:-1])} on {p.device}, "
+            f"got {list(k.shape)} on {k.device}"
+        )
     out, o = _device_output(p, out, p.shape, "grad_y_pred")
-    _core.cuda_gradient(t.ptr, p.ptr, g.ptr, o.ptr, list(p.shape), p.dtype, tokens, p.stream,
+    _core.cuda_gradient(t.ptr, p.ptr, k.ptr, g.ptr, o.ptr, list(p.shape), p.dtype, p.stream,
                         t.dtype if sparse else "")
     return out

@@ -94,9 +94,10 @@ def masked_mae_tokens(y_true, y_pred, tokens):
     if in_xla_context():
         _check_static_shapes(y_true, y_pred, tokens)
         return _reference.reference_masked_mae_tokens(y_true, y_pred, tokens)
-    return ops_library.import_fused_masked_mae_masked_mae(
+    loss, _ = ops_library.import_fused_masked_mae_masked_mae(
         y_true=y_true, y_pred=y_pred, masked_tokens=tokens
     )
+    return loss
 
 
 def masked_mae(y_true, y_pred, start_token=None, end_token=None, tokens=()):
@@ -121,13 +122,12 @@ def masked_mae(y_true, y_pred, start_token=None, end_token=None, tokens=()):
 
 
 @tf.RegisterGradient("Import_fused_masked_mae>MaskedMae")
-def _masked_mae_grad(op, grad_loss):
+def _masked_mae_grad(op, grad_loss, _grad_row_keep):
+    # One pass over the inputs: the forward's row_keep (outputs[1]) says which
+    # rows are masked, so the gradient op computes no argmax.
     y_true, y_pred = op.inputs
     grad_y_pred = ops_library.import_fused_masked_mae_masked_mae_grad(
-        y_true=y_true,
-        y_pred=y_pred,
-        grad_loss=grad_loss,
-        masked_tokens=op.get_attr("masked_tokens"),
+        y_true=y_true, y_pred=y_pred, row_keep=op.outputs[1], grad_loss=grad_loss
     )
     # y_true is almost always a constant: skip the extra pass over it when the
     # eager tape says its gradient is not wanted (graph mode prunes it anyway).

@@ -35,9 +35,10 @@ def sparse_masked_mae_tokens(y_true_ids, y_pred, tokens):
     tokens = masked_token_list(None, None, tokens)
     if in_xla_context():
         return reference_sparse_masked_mae(y_true_ids, y_pred, tokens=tokens)
-    return ops_library.import_fused_masked_mae_sparse_masked_mae(
+    loss, _ = ops_library.import_fused_masked_mae_sparse_masked_mae(
         y_true_ids=y_true_ids, y_pred=y_pred, masked_tokens=tokens
     )
+    return loss
 
 
 def sparse_masked_mae(y_true_ids, y_pred, start_token=None, end_token=None, tokens=()):
@@ -68,13 +69,10 @@ def reference_sparse_masked_mae(y_true_ids, y_pred, start_token=None, end_token=
 
 
 @tf.RegisterGradient("Import_fused_masked_mae>SparseMaskedMae")
-def _sparse_masked_mae_grad(op, grad_loss):
+def _sparse_masked_mae_grad(op, grad_loss, _grad_row_keep):
     y_true_ids, y_pred = op.inputs
     grad_y_pred = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
-        y_true_ids=y_true_ids,
-        y_pred=y_pred,
-        grad_loss=grad_loss,
-        masked_tokens=op.get_attr("masked_tokens"),
+        y_true_ids=y_true_ids, y_pred=y_pred, row_keep=op.outputs[1], grad_loss=grad_loss
     )
     return None, grad_y_pred  # no gradient for integer ids
 

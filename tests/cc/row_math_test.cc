@@ -139,17 +139,25 @@ void CheckGradient() {
   // scale is zero (so the gradient is +-0, or NaN where p - t is NaN).
   const std::vector<float> t = {0.f, 1.f, 0.f, 0.5f, NAN};
   const std::vector<float> p = {0.25f, 0.25f, 0.f, 0.5f, 1.f};
+  // The keep byte comes from the forward (ComputeRowLoss), as in the kernels.
   std::vector<float> grad(5);
   MaskedTokenSet none{};
-  ComputeRowGradient(DenseRow(t.data()), p.data(), 5, none, 2.0f, grad.data());
+  uint8_t keep = 7;
+  ComputeRowLoss(DenseRow(t.data()), p.data(), 5, none, &keep);
+  EXPECT(keep == 1, "nothing masked: keep byte %d", keep);
+  ComputeRowGradient(DenseRow(t.data()), p.data(), 5, keep, 2.0f, grad.data());
   const float expect[] = {0.4f, -0.4f, 0.f, 0.f, NAN};
   for (int i = 0; i < 4; ++i) EXPECT(grad[i] == expect[i], "grad[%d]=%g", i, grad[i]);
   EXPECT(std::isnan(grad[4]), "grad[4]=%g", grad[4]);
   MaskedTokenSet one{1, {1}};
-  ComputeRowGradient(DenseRow(t.data()), p.data(), 5, one, 2.0f, grad.data());  // argmax t=1, p=4: kept
+  ComputeRowLoss(DenseRow(t.data()), p.data(), 5, one, &keep);  // argmax t=1, p=4: kept
+  EXPECT(keep == 1, "kept row: keep byte %d", keep);
+  ComputeRowGradient(DenseRow(t.data()), p.data(), 5, keep, 2.0f, grad.data());
   EXPECT(grad[0] == 0.4f, "kept row grad %g", grad[0]);
   const std::vector<float> t2 = {0.f, 1.f}, p2 = {0.f, 0.75f};
-  ComputeRowGradient(DenseRow(t2.data()), p2.data(), 2, one, 2.0f, grad.data());  // masked
+  ComputeRowLoss(DenseRow(t2.data()), p2.data(), 2, one, &keep);  // masked
+  EXPECT(keep == 0, "masked row: keep byte %d", keep);
+  ComputeRowGradient(DenseRow(t2.data()), p2.data(), 2, keep, 2.0f, grad.data());
   EXPECT(grad[0] == 0.f && grad[1] == 0.f && std::signbit(grad[1]), "masked grad %g %g", grad[0],
          grad[1]);
 }
