@@ -293,3 +293,11 @@ def test_without_a_too_old_driver_there_is_no_warning():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEVICES ['CPU', 'GPU'] LOSS [0.0, 0.0, 0.125, 0.125]" in result.stdout, result.stdout
     assert "GPU kernels not registered" not in result.stderr
+
+
+def test_core_without_driver_says_so_before_touching_memory():
+    if _core.cuda_driver()[0] != "missing":
+        pytest.skip("this machine has an NVIDIA driver")
+    # Plausible-looking pointers: nothing may be read through them.
+    with pytest.raises(RuntimeError, match=r"no NVIDIA driver \(libcuda.so.1"):
+        _core.cuda_forward(16, 16, 16, [2, 3], "float32", [0], 0)
