@@ -131,16 +131,44 @@ def cuobjdump():
 # --- Machine code and PTX ----------------------------------------------------------
 
 
+def cubin_problems(cubins):
+    """What in {sm: cubin} needs a newer driver than r525, or is not the documented set."""
+    problems = []
+    if set(cubins) != CUBIN_ARCHS:
+        problems.append(f"cubins for {sorted(cubins)}, expected {sorted(CUBIN_ARCHS)}")
+    for sm, blob in sorted(cubins.items()):
+        osabi, abi_version = blob[7], blob[8]
+        if (osabi, abi_version) != (0x33, CUDA_ELF_ABI):
+            problems.append(f"sm_{sm}: OSABI {osabi:#x}, ABI version {abi_version}: not a CUDA 12 "
+                            "cubin (ABI 8 / OSABI 0x41 is CUDA 13's and needs driver r580+)")
+    return problems
+
+
+def ptx_problems(ptxs):
+    problems = []
+    if set(ptxs) != PTX_ARCHS:
+        problems.append(f"PTX for {sorted(ptxs)}, expected {sorted(PTX_ARCHS)}")
+    for sm, text in sorted(ptxs.items()):
+        major, minor = map(int, re.search(r"\.version (\d+)\.(\d+)", text).groups())
+        if (major, minor) > MAX_PTX_ISA:
+            problems.append(f"PTX sm_{sm}: .version {major}.{minor} needs a newer driver than r525")
+    return problems
+
+
 @pytest.mark.parametrize("library", LIBRARIES, ids=LIBRARY_IDS)
 def test_cubins_are_abi7_for_exactly_the_documented_archs(library):
     cubins, _ = images(library)
-    assert set(cubins) == CUBIN_ARCHS, sorted(cubins)
-    for sm, blob in cubins.items():
-        osabi, abi_version = blob[7], blob[8]
-        assert (osabi, abi_version) == (0x33, CUDA_ELF_ABI), (
-            f"sm_{sm}: OSABI {osabi:#x}, ABI version {abi_version}: not a CUDA 12 cubin "
-            "(ABI 8 / OSABI 0x41 is CUDA 13's and needs driver r580+)"
-        )
+    assert cubin_problems(cubins) == []
+
+
+def test_the_checks_catch_cuda13_images_and_a_missing_arch():
+    cubins, ptxs = images(OPS_LIBRARY)
+    cuda13 = dict(cubins)
+    cuda13[90] = cubins[90][:7] + bytes([0x41, 8]) + cubins[90][9:]  # what CUDA 13 ptxas writes
+    assert any("sm_90: OSABI 0x41, ABI version 8" in p for p in cubin_problems(cuda13))
+    assert cubin_problems({sm: b for sm, b in cubins.items() if sm != 70})
+    assert ptx_problems({90: ptxs[90].replace(".version 8.0", ".version 9.0", 1)})
+    assert ptx_problems({**ptxs, 100: ptxs[90]})
 
 
 @pytest.mark.parametrize("library", LIBRARIES, ids=LIBRARY_IDS)
@@ -164,11 +192,10 @@ def test_cuobjdump_reads_cuda12_toolkit_abi7(library, tmp_path):
 @pytest.mark.parametrize("library", LIBRARIES, ids=LIBRARY_IDS)
 def test_ptx_isa_is_at_most_8_0(library):
     _, ptxs = images(library)
-    assert set(ptxs) == PTX_ARCHS, sorted(ptxs)
-    for sm, text in ptxs.items():
-        major, minor = map(int, re.search(r"\.version (\d+)\.(\d+)", text).groups())
-        print(f"{os.path.basename(library)} PTX sm_{sm}: .version {major}.{minor}")
-        assert (major, minor) <= MAX_PTX_ISA, f"PTX .version {major}.{minor} needs a newer driver"
+    for sm, text in sorted(ptxs.items()):
+        print(f"{os.path.basename(library)} PTX sm_{sm}: "
+              f"{re.search(r'[.]version [0-9.]+', text).group(0)}")
+    assert ptx_problems(ptxs) == []
 
 
 @pytest.mark.parametrize("library", LIBRARIES, ids=LIBRARY_IDS)

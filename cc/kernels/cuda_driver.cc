@@ -36,6 +36,7 @@ struct Api {
   CUresult (*GetErrorName)(CUresult, const char**);
   CUresult (*GetErrorString)(CUresult, const char**);
   CUresult (*CtxGetCurrent)(CUcontext*);
+  CUresult (*CtxGetId)(CUcontext, unsigned long long*);
   CUresult (*CtxPushCurrent)(CUcontext);
   CUresult (*CtxPopCurrent)(CUcontext*);
   CUresult (*CtxGetDevice)(CUdevice*);
@@ -87,6 +88,7 @@ Loaded* LoadDriver() {
         Resolve(lib, "cuInit", &a.Init) && Resolve(lib, "cuGetErrorName", &a.GetErrorName) &&
         Resolve(lib, "cuGetErrorString", &a.GetErrorString) &&
         Resolve(lib, "cuCtxGetCurrent", &a.CtxGetCurrent) &&
+        Resolve(lib, "cuCtxGetId", &a.CtxGetId) &&
         Resolve(lib, "cuCtxPushCurrent_v2", &a.CtxPushCurrent) &&
         Resolve(lib, "cuCtxPopCurrent_v2", &a.CtxPopCurrent) &&
         Resolve(lib, "cuCtxGetDevice", &a.CtxGetDevice) &&
@@ -190,7 +192,8 @@ class ScopedContext {
 };
 
 struct Module {
-  CUcontext ctx;
+  unsigned long long ctx_id;  // cuCtxGetId: unique for the process, unlike a
+                              // context's address, which a new context may reuse
   CUmodule module;
   CUfunction functions[kNumKernels];
 };
@@ -231,7 +234,8 @@ CUresult LoadModule(const Api& api, CUcontext ctx, std::unique_ptr<Module>* out)
   if (r != CUDA_SUCCESS) return Fail(r, "reading the GPU's compute capability failed");
   const int cc = major * 10 + minor;
   auto module = std::make_unique<Module>();
-  module->ctx = ctx;
+  r = api.CtxGetId(ctx, &module->ctx_id);
+  if (r != CUDA_SUCCESS) return Fail(r, "cuCtxGetId failed");
   r = CUDA_ERROR_NO_BINARY_FOR_GPU;
   std::string tried;
   for (bool ptx : {false, true}) {
@@ -255,13 +259,18 @@ CUresult LoadModule(const Api& api, CUcontext ctx, std::unique_ptr<Module>* out)
   return CUDA_SUCCESS;
 }
 
-// The module of `ctx` (ctx must be current), loaded on first use.
+// The module of `ctx` (ctx must be current), loaded on first use and kept
+// for the process (one per context; a destroyed context's module is not
+// unloaded, and never matches a later context's id).
 CUresult ModuleFor(const Api& api, CUcontext ctx, const Module** module) {
   static std::mutex mu;
   static std::list<std::unique_ptr<Module>>* modules = new std::list<std::unique_ptr<Module>>;
+  unsigned long long id = 0;
+  const CUresult got_id = api.CtxGetId(ctx, &id);
+  if (got_id != CUDA_SUCCESS) return Fail(got_id, "cuCtxGetId failed");
   std::lock_guard<std::mutex> lock(mu);
   for (const auto& m : *modules) {
-    if (m->ctx == ctx) {
+    if (m->ctx_id == id) {
       *module = m.get();
       return CUDA_SUCCESS;
     }

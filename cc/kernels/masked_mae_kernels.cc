@@ -362,7 +362,9 @@ void RegisterGpuKernels() {
 namespace {
 const bool gpu_kernels_registered = [] {
   const cuda::DriverStatus& driver = cuda::Driver();
-  if (driver.state == cuda::DriverState::kTooOld) {
+  // A driver that is there but unusable (too old, or missing an entry point):
+  // TensorFlow could still place the ops on a GPU, so keep them off it.
+  if (driver.state != cuda::DriverState::kOk && driver.version > 0) {
     LOG(WARNING) << "fused_masked_mae: GPU kernels not registered, the ops run on the CPU: "
                  << driver.message;
     return false;
