@@ -9,6 +9,7 @@ creates holds symlinks into that installation and defines
   @local_config_tf//:tf_header_lib            TensorFlow headers; carries the -D ABI
                                               flags of get_compile_flags() as defines
   @local_config_tf//:libtensorflow_framework  the framework library to link against
+  @local_config_tf//:libtensorflow_cc         libtensorflow_cc.so.2 (XLA's FFI API)
   @local_config_tf//:pybind11_headers         pybind11 + Python headers (for _core),
                                               like build.sh's `python -m pybind11 --includes`
   @local_config_tf//:tf_config.bzl            TF_CXXOPTS (the other compile flags,
@@ -63,6 +64,12 @@ cc_library(
 cc_library(
     name = "libtensorflow_framework",
     srcs = ["{library}"],
+)
+
+# The XLA FFI API accessor (xla::ffi::GetXlaFfiApi) lives here.
+cc_library(
+    name = "libtensorflow_cc",
+    srcs = ["libtensorflow_cc.so.2"],
 )
 
 cc_library(
@@ -130,6 +137,7 @@ def _tf_configure_impl(rctx):
 
     rctx.symlink(include_dir, "include")
     rctx.symlink(lib_dir + "/" + library, library)
+    rctx.symlink(lib_dir + "/libtensorflow_cc.so.2", "libtensorflow_cc.so.2")
     rctx.symlink(info["pybind11_include"], "pybind11_include")
     rctx.symlink(info["python_include"], "python_include")
     rctx.file("BUILD.bazel", _BUILD.format(defines = repr(defines), library = library))

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from fused_masked_mae import _core
+from fused_masked_mae import xla as fm_xla
 from raw_ops import raw_forward, raw_grad, raw_sparse_forward, raw_sparse_grad
 
 EXPECTED_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
@@ -45,7 +46,8 @@ def one_case(rng):
     tokens = [int(t) for t in rng.integers(low, high, size=int(rng.integers(0, 4)))]
     if rng.random() < 0.02:
         tokens = list(range(300))  # over the 256-token limit
-    kind = rng.choice(["forward", "grad", "sparse", "sparse_grad", "core", "core_grad"])
+    kind = rng.choice(["forward", "grad", "sparse", "sparse_grad", "core", "core_grad",
+                       "xla_forward", "xla_grad"])
     y_pred = draw_tensor(rng, shape, dtype)
     loss_shape = shape[:-1] if shape else []
     grad_shape = loss_shape if rng.random() < 0.8 else draw_shape(rng)
@@ -54,7 +56,27 @@ def one_case(rng):
     keep_shape = loss_shape if rng.random() < 0.85 else draw_shape(rng)
     row_keep = tf.constant(rng.integers(0, 256, size=keep_shape), tf.uint8)
     try:
-        if kind in ("forward", "grad", "core", "core_grad"):
+        if kind.startswith("xla"):
+            # The XLA FFI handlers, called with whatever buffers the module
+            # declares: their own validation is all that stands in the way.
+            sparse = rng.random() < 0.3
+            if sparse:
+                y_true = draw_tensor(rng, loss_shape if rng.random() < 0.85 else draw_shape(rng),
+                                     tf.int32 if rng.random() < 0.5 else tf.int64)
+            else:
+                y_true = draw_tensor(rng, other, dtype)
+            dims = lambda t: t.shape.as_list()  # noqa: E731
+            if kind == "xla_forward":
+                attr = "masked_tokens = array<i64" + (
+                    ": " + ", ".join(map(str, tokens)) if tokens else "") + ">"
+                out = fm_xla._call(fm_xla.FORWARD_TARGETS[sparse], [y_true, y_pred],
+                                   [(loss_shape, dtype), (loss_shape, tf.uint8)], attr)
+            else:
+                out = fm_xla._call(fm_xla.GRAD_TARGETS[sparse],
+                                   [y_true, y_pred, row_keep, grad_loss],
+                                   [(shape, dtype)])
+            assert [dims(t) for t in out][0] == (loss_shape if kind == "xla_forward" else shape)
+        elif kind in ("forward", "grad", "core", "core_grad"):
             y_true = draw_tensor(rng, other, dtype)
             if kind == "forward":
                 out = raw_forward(

@@ -290,6 +290,8 @@ devices = {k.device_type for k in kernels.get_registered_kernels_for_op(
     "Import_fused_masked_mae>MaskedMae").kernel}
 loss = fm.masked_mae(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32) * 0.5, 0, 1)
 print("DEVICES", sorted(devices), "LOSS", loss.numpy().tolist(), "ON", loss.device)
+from fused_masked_mae import xla
+print("XLA", sorted(xla.registration_report()))
 """
 
 
@@ -311,6 +313,7 @@ def test_driver_below_minimum_registers_no_gpu_kernel_and_warns_once():
                 if "fused_masked_mae: GPU kernels not registered" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
     assert "CUDA 11.8" in warnings[0] and "r525" in warnings[0]
+    assert "XLA ['Host']" in result.stdout  # no CUDA XLA handlers either
 
 
 def test_without_a_too_old_driver_there_is_no_warning():
@@ -319,6 +322,7 @@ def test_without_a_too_old_driver_there_is_no_warning():
     result = _run_floor_script(None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DEVICES ['CPU', 'GPU'] LOSS [0.0, 0.0, 0.125, 0.125]" in result.stdout, result.stdout
+    assert "XLA ['CUDA', 'Host']" in result.stdout
     assert "GPU kernels not registered" not in result.stderr
 
 

@@ -68,6 +68,34 @@ SCRIPT = textwrap.dedent(
     for weighted in (False, True):
         result[f"single_{weighted}"] = run(tf.distribute.OneDeviceStrategy(devices[0]), weighted)
         result[f"mirrored_{weighted}"] = run(tf.distribute.MirroredStrategy(devices), weighted)
+
+    # Under XLA: each replica runs a jit-compiled loss and gradient (the custom
+    # calls) on its half of the batch. (Keras' whole-step jit_compile cannot
+    # run MirroredStrategy over logical CPUs: XLA refuses variables placed on
+    # another device, with or without this loss.)
+    @tf.function(jit_compile=True)
+    def replica_loss_and_grad(y_batch, p_batch):
+        with tf.GradientTape() as tape:
+            tape.watch(p_batch)
+            total = tf.reduce_sum(fm.masked_mae(y_batch, p_batch, START, END, tokens=[11]))
+        return total, tape.gradient(total, p_batch)
+
+    strategy = tf.distribute.MirroredStrategy(devices)
+    p = tf.nn.softmax(tf.constant(rng.normal(size=y.shape), tf.float32))
+    batch = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((y, p)).batch(64))))
+    totals, grads = strategy.run(replica_loss_and_grad, args=batch)
+    with tf.GradientTape() as tape:
+        tape.watch(p)
+        single_total = tf.reduce_sum(fm.masked_mae(y, p, START, END, tokens=[11]))
+    single_grad = tape.gradient(single_total, p)
+    result["xla"] = dict(
+        replicas=len(strategy.experimental_local_results(grads)),
+        total=float(strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)),
+        single_total=float(single_total),
+        grads_equal=bool(np.array_equal(
+            np.concatenate([g.numpy() for g in strategy.experimental_local_results(grads)]),
+            single_grad.numpy())))
     print("RESULT " + json.dumps(result))
     """
 )
@@ -89,3 +117,6 @@ def test_mirrored_strategy_matches_one_device():
         np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=1e-6)
         np.testing.assert_allclose(mirrored["evaluate"], single["evaluate"], rtol=1e-6)
         np.testing.assert_allclose(mirrored["weights"], single["weights"], rtol=1e-5)
+    xla = result["xla"]
+    assert xla["replicas"] == 2 and xla["grads_equal"], xla
+    np.testing.assert_allclose(xla["total"], xla["single_total"], rtol=1e-6)

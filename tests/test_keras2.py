@@ -119,7 +119,13 @@ LEGACY = textwrap.dedent(
     model, out["class"] = train(TfKerasMaskedMAE(START, END))
     _, out["function"] = train(masked_mae_loss_fn(START, END))
     _, out["seed"] = train(seed_loss)
+    # Under jit_compile the loss must be the XLA custom call, not the composite.
+    custom_calls = []
+    real_custom_call = fm.xla.masked_mae_custom_call
+    fm.xla.masked_mae_custom_call = lambda *a, **k: custom_calls.append(1) or real_custom_call(*a, **k)
     _, out["class_jit"] = train(TfKerasMaskedMAE(START, END), jit_compile=True)
+    fm.xla.masked_mae_custom_call = real_custom_call
+    out["custom_call_traces"] = len(custom_calls)
     out["is_tf_keras_loss"] = isinstance(model.loss, tf_keras.losses.Loss)
 
     # 3. sample_weight and reductions are tf_keras'.
@@ -174,6 +180,7 @@ def test_tf_keras_models(tmp_path):
     np.testing.assert_array_equal(fused == 0, seed == 0)
 
     assert out["is_tf_keras_loss"]
+    assert out["custom_call_traces"] > 0  # the jit-compiled steps used the XLA custom calls
     for name in ("class", "function", "seed", "class_jit"):
         run_ = out[name]
         assert run_["loss"][-1] < 0.8 * run_["loss"][0], (name, run_)

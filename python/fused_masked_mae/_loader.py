@@ -13,6 +13,7 @@ import tensorflow as tf
 from fused_masked_mae import _build_info
 
 _LIBRARY_NAME = "_masked_mae_ops.so"
+LIBRARY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
 
 
 def _minor_version(version):
@@ -35,7 +36,7 @@ def check_tensorflow_version(installed=None, built=None):
 
 def _load():
     check_tensorflow_version()
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+    path = LIBRARY_PATH
     if not os.path.exists(path):
         raise ImportError(
             f"{path} is missing: build the package with ./build.sh and install the wheel "

@@ -1,15 +1,17 @@
 """The fused op, its Python signature, and its registered gradient.
 
 Inside XLA compilation (`tf.function(jit_compile=True)`, Keras'
-`compile(jit_compile=True)` or its GPU default `jit_compile="auto"`, TPU
-rewrites) the op has no XLA kernel, so `masked_mae_tokens` builds the
-composite of plain TensorFlow ops instead (`reference_masked_mae_tokens`),
-which XLA compiles and differentiates. See `in_xla_context`.
+`compile(jit_compile=True)` or its GPU default `jit_compile="auto"`) a
+TensorFlow op cannot run, so `masked_mae_tokens` emits the XLA custom calls
+of the same kernels instead (fused_masked_mae.xla). Only where no handler can
+run (TPUs, a GPU build without CUDA handlers) does it build the composite of
+plain TensorFlow ops (`reference_masked_mae_tokens`). See `in_xla_context`.
 """
 
 import tensorflow as tf
 
 from fused_masked_mae import reference as _reference
+from fused_masked_mae import xla as _xla
 from fused_masked_mae._loader import ops_library
 from fused_masked_mae.tokens import MAX_MASKED_TOKENS, masked_token_list  # noqa: F401 (API)
 
@@ -56,21 +58,31 @@ def _shape_string(shape):
     return "[" + ",".join("?" if d is None else str(d) for d in shape.as_list()) + "]"
 
 
-def _check_static_shapes(y_true, y_pred, tokens):
-    """What the op's shape function checks, for the composite (which would
-    otherwise broadcast unequal shapes and give NaN for C = 0)."""
-    for tensor in (y_true, y_pred):
-        if tensor.shape.rank == 0:
-            raise ValueError("Shape must be at least rank 1 but is rank 0")
-    if not y_true.shape.is_compatible_with(y_pred.shape):
-        raise ValueError(
-            f"y_true and y_pred must have the same shape, got y_true "
-            f"{_shape_string(y_true.shape)} and y_pred {_shape_string(y_pred.shape)}"
-        )
-    shape = y_true.shape.merge_with(y_pred.shape)
+def _check_static_shapes(y_true, y_pred, tokens, sparse=False):
+    """What the op's shape function checks, for the XLA paths (the composite
+    would otherwise broadcast unequal shapes and give NaN for C = 0). Returns
+    the number of classes, or None when it is unknown."""
+    if y_pred.shape.rank == 0 or (not sparse and y_true.shape.rank == 0):
+        raise ValueError("Shape must be at least rank 1 but is rank 0")
+    if sparse:
+        if y_pred.shape.rank is not None and not y_true.shape.is_compatible_with(
+                y_pred.shape[:-1]):
+            raise ValueError(
+                f"y_true_ids must have y_pred's shape without its last dimension, got "
+                f"y_true_ids {_shape_string(y_true.shape)} and y_pred "
+                f"{_shape_string(y_pred.shape)}"
+            )
+        shape = y_pred.shape
+    else:
+        if not y_true.shape.is_compatible_with(y_pred.shape):
+            raise ValueError(
+                f"y_true and y_pred must have the same shape, got y_true "
+                f"{_shape_string(y_true.shape)} and y_pred {_shape_string(y_pred.shape)}"
+            )
+        shape = y_true.shape.merge_with(y_pred.shape)
     classes = shape[-1] if shape.rank is not None else None
     if classes is None:
-        return
+        return None
     if classes == 0:
         raise ValueError(
             f"the last dimension (classes) must be positive, got shape {_shape_string(shape)}"
@@ -81,18 +93,22 @@ def _check_static_shapes(y_true, y_pred, tokens):
                 f"masked token id {token} is outside [0, {classes}) for inputs with "
                 f"{classes} classes"
             )
+    return classes
 
 
 def masked_mae_tokens(y_true, y_pred, tokens):
     """The fused loss for a list of masked token ids (see `masked_mae`).
 
-    Inside XLA compilation (see `in_xla_context`) it is computed by the
-    composite reference instead, with XLA's own argmax (see docs/integration.md).
+    Inside XLA compilation (see `in_xla_context`) it is computed by the same
+    kernels through XLA custom calls (fused_masked_mae.xla), or, where no
+    handler can run, by the composite reference (see docs/integration.md).
     """
     y_true, y_pred = _check_inputs(y_true, y_pred)
     tokens = masked_token_list(None, None, tokens)
     if in_xla_context():
-        _check_static_shapes(y_true, y_pred, tokens)
+        classes = _check_static_shapes(y_true, y_pred, tokens)
+        if _xla.use_custom_call(classes):
+            return _xla.masked_mae_custom_call(y_true, y_pred, tokens)
         return _reference.reference_masked_mae_tokens(y_true, y_pred, tokens)
     loss, _ = ops_library.import_fused_masked_mae_masked_mae(
         y_true=y_true, y_pred=y_pred, masked_tokens=tokens

@@ -9,7 +9,8 @@ import keras
 import tensorflow as tf
 
 from fused_masked_mae._loader import ops_library
-from fused_masked_mae.ops import _FLOAT_DTYPES, in_xla_context
+from fused_masked_mae import xla as _xla
+from fused_masked_mae.ops import _FLOAT_DTYPES, _check_static_shapes, in_xla_context
 from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
 from fused_masked_mae.reference import reference_masked_mae_tokens
 
@@ -30,10 +31,14 @@ def _check_inputs(y_true_ids, y_pred):
 
 def sparse_masked_mae_tokens(y_true_ids, y_pred, tokens):
     """The fused sparse loss for a list of masked token ids (inside XLA
-    compilation: the composite on one_hot(ids), see ops.in_xla_context)."""
+    compilation: the sparse custom calls, or where no handler can run the
+    composite on one_hot(ids); see ops.masked_mae_tokens)."""
     y_true_ids, y_pred = _check_inputs(y_true_ids, y_pred)
     tokens = masked_token_list(None, None, tokens)
     if in_xla_context():
+        classes = _check_static_shapes(y_true_ids, y_pred, tokens, sparse=True)
+        if _xla.use_custom_call(classes):
+            return _xla.masked_mae_custom_call(y_true_ids, y_pred, tokens, sparse=True)
         return reference_sparse_masked_mae(y_true_ids, y_pred, tokens=tokens)
     loss, _ = ops_library.import_fused_masked_mae_sparse_masked_mae(
         y_true_ids=y_true_ids, y_pred=y_pred, masked_tokens=tokens

@@ -1,0 +1,201 @@
+// Validation and registration shared by the XLA FFI handlers (masked_mae_ffi.h).
+#include "cc/xla/masked_mae_ffi.h"
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace fused_masked_mae::xla_ffi {
+namespace {
+
+std::string DimsString(ffi::AnyBuffer::Dimensions dims, size_t count) {
+  std::string out = "[";
+  for (size_t i = 0; i < count; ++i) out += (i ? "," : "") + std::to_string(dims[i]);
+  return out + "]";
+}
+
+std::string DimsString(ffi::AnyBuffer::Dimensions dims) { return DimsString(dims, dims.size()); }
+
+bool IsFloat(ffi::DataType dtype) {
+  return dtype == ffi::DataType::F16 || dtype == ffi::DataType::BF16 ||
+         dtype == ffi::DataType::F32 || dtype == ffi::DataType::F64;
+}
+
+bool SameDims(ffi::AnyBuffer::Dimensions a, ffi::AnyBuffer::Dimensions b, size_t b_count) {
+  if (a.size() != b_count) return false;
+  for (size_t i = 0; i < b_count; ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
+// An InvalidArgument error as the failed value of an ErrorOr.
+ffi::Unexpected<ffi::Error> Invalid(std::string message) {
+  return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(std::move(message)));
+}
+
+}  // namespace
+
+ffi::ErrorOr<RowGeometry> ValidateInputs(const ffi::AnyBuffer& y_true,
+                                         const ffi::AnyBuffer& y_pred, bool sparse) {
+  const auto pred_dims = y_pred.dimensions();
+  if (!IsFloat(y_pred.element_type())) {
+    return Invalid("y_pred must be f16, bf16, f32 or f64");
+  }
+  if (pred_dims.size() < 1) {
+    return Invalid(
+        "y_pred must have rank >= 1 (a last axis of classes), got shape []");
+  }
+  const size_t loss_rank = pred_dims.size() - 1;
+  if (sparse) {
+    const auto id_type = y_true.element_type();
+    if (id_type != ffi::DataType::S32 && id_type != ffi::DataType::S64) {
+      return Invalid("y_true_ids must be s32 or s64 class ids");
+    }
+    if (!SameDims(y_true.dimensions(), pred_dims, loss_rank)) {
+      return Invalid(
+          "y_true_ids must have y_pred's shape without its last dimension, got y_true_ids " +
+          DimsString(y_true.dimensions()) + " and y_pred " + DimsString(pred_dims));
+    }
+  } else {
+    if (!SameDims(y_true.dimensions(), pred_dims, pred_dims.size())) {
+      return Invalid("y_true and y_pred must have the same shape, got y_true " +
+                                         DimsString(y_true.dimensions()) + " and y_pred " +
+                                         DimsString(pred_dims));
+    }
+    if (y_true.element_type() != y_pred.element_type()) {
+      return Invalid("y_true and y_pred must have the same dtype");
+    }
+  }
+  const int64_t num_classes = pred_dims[loss_rank];
+  if (num_classes <= 0) {
+    return Invalid(
+        "the last dimension (classes) must be positive, got shape " + DimsString(pred_dims));
+  }
+  int64_t rows = 1;
+  for (size_t i = 0; i < loss_rank; ++i) rows *= pred_dims[i];  // an allocated buffer: no overflow
+  return RowGeometry{rows, num_classes};
+}
+
+ffi::ErrorOr<MaskedTokenSet> ValidateTokens(ffi::Span<const int64_t> ids, int64_t num_classes) {
+  if (ids.size() > static_cast<size_t>(kMaxMaskedTokens)) {
+    return Invalid("at most " + std::to_string(kMaxMaskedTokens) +
+                                       " masked tokens are supported, got " +
+                                       std::to_string(ids.size()));
+  }
+  MaskedTokenSet tokens{};
+  tokens.count = static_cast<int>(ids.size());
+  for (size_t k = 0; k < ids.size(); ++k) {
+    if (ids[k] < 0 || ids[k] >= num_classes) {
+      return Invalid(
+          "masked token id " + std::to_string(ids[k]) + " is outside [0, " +
+          std::to_string(num_classes) + ") for inputs with " + std::to_string(num_classes) +
+          " classes");
+    }
+    tokens.ids[k] = ids[k];
+  }
+  return tokens;
+}
+
+ffi::Error ValidateLike(const ffi::AnyBuffer& buffer, const char* name,
+                        const ffi::AnyBuffer& y_pred, bool per_row, ffi::DataType dtype) {
+  const auto pred_dims = y_pred.dimensions();
+  const size_t count = per_row ? pred_dims.size() - 1 : pred_dims.size();
+  if (!SameDims(buffer.dimensions(), pred_dims, count)) {
+    return ffi::Error::InvalidArgument(
+        std::string(name) + " must have the shape " + DimsString(pred_dims, count) +
+        (per_row ? " of the loss (y_pred's shape without its last dimension)" : " of y_pred") +
+        ", got " + DimsString(buffer.dimensions()));
+  }
+  if (buffer.element_type() != dtype) {
+    return ffi::Error::InvalidArgument(std::string(name) + " has the wrong dtype");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::ErrorOr<ForwardCall> ValidateForward(const ffi::AnyBuffer& y_true,
+                                          const ffi::AnyBuffer& y_pred,
+                                          ffi::Span<const int64_t> masked_tokens,
+                                          const ffi::AnyBuffer& loss,
+                                          const ffi::AnyBuffer& row_keep, bool sparse) {
+  const auto geometry = ValidateInputs(y_true, y_pred, sparse);
+  if (geometry.has_error()) return ffi::Unexpected<ffi::Error>(geometry.error());
+  const auto tokens = ValidateTokens(masked_tokens, geometry.value().num_classes);
+  if (tokens.has_error()) return ffi::Unexpected<ffi::Error>(tokens.error());
+  for (auto e : {ValidateLike(loss, "loss", y_pred, true, y_pred.element_type()),
+                 ValidateLike(row_keep, "row_keep", y_pred, true, ffi::DataType::U8)}) {
+    if (e.failure()) return ffi::Unexpected<ffi::Error>(e);
+  }
+  return ForwardCall{geometry.value(), tokens.value()};
+}
+
+ffi::ErrorOr<RowGeometry> ValidateGrad(const ffi::AnyBuffer& y_true, const ffi::AnyBuffer& y_pred,
+                                       const ffi::AnyBuffer& row_keep,
+                                       const ffi::AnyBuffer& grad_loss,
+                                       const ffi::AnyBuffer& grad_y_pred, bool sparse) {
+  const auto geometry = ValidateInputs(y_true, y_pred, sparse);
+  if (geometry.has_error()) return geometry;
+  for (auto e : {ValidateLike(row_keep, "row_keep", y_pred, true, ffi::DataType::U8),
+                 ValidateLike(grad_loss, "grad_loss", y_pred, true, y_pred.element_type()),
+                 ValidateLike(grad_y_pred, "grad_y_pred", y_pred, false, y_pred.element_type())}) {
+    if (e.failure()) return ffi::Unexpected<ffi::Error>(e);
+  }
+  return geometry;
+}
+
+namespace {
+
+std::mutex& RegistryMutex() {
+  static auto* mu = new std::mutex;
+  return *mu;
+}
+
+std::vector<std::string>& RegistryLines() {
+  static auto* lines = new std::vector<std::string>;
+  return *lines;
+}
+
+void RegisterHandler(const char* target, const char* platform, XLA_FFI_Handler* handler) {
+  std::string line = std::string(platform) + " " + target;
+  const XLA_FFI_Api* api = ffi::GetXlaFfiApi();
+  if (api == nullptr) {
+    line += " error: the XLA FFI API is not available";
+  } else if (XLA_FFI_Error* error = ffi::Ffi::RegisterStaticHandler(api, target, platform,
+                                                                     handler)) {
+    line += std::string(" error: ") + ffi::internal::GetErrorMessage(api, error);
+    ffi::internal::DestroyError(api, error);
+  } else {
+    line += " ok";
+  }
+  std::lock_guard<std::mutex> lock(RegistryMutex());
+  RegistryLines().push_back(line);
+}
+
+}  // namespace
+
+void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
+                      XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
+                      XLA_FFI_Handler* sparse_grad) {
+  RegisterHandler(kForwardTarget, platform, forward);
+  RegisterHandler(kSparseForwardTarget, platform, sparse_forward);
+  RegisterHandler(kGradTarget, platform, grad);
+  RegisterHandler(kSparseGradTarget, platform, sparse_grad);
+}
+
+std::string RegistrationReport() {
+  std::lock_guard<std::mutex> lock(RegistryMutex());
+  std::string out;
+  for (const auto& line : RegistryLines()) out += line + "\n";
+  return out;
+}
+
+}  // namespace fused_masked_mae::xla_ffi
+
+// For the Python package (ctypes), which turns any error line into an
+// ImportError or a logged fallback (python/fused_masked_mae/xla.py).
+extern "C" __attribute__((visibility("default"))) const char*
+FusedMaskedMaeXlaRegistrationReport() {
+  static const std::string* report =
+      new std::string(fused_masked_mae::xla_ffi::RegistrationReport());
+  return report->c_str();
+}

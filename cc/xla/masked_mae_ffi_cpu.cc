@@ -1,0 +1,145 @@
+// XLA FFI handlers for the "Host" platform: bind the custom calls, validate,
+// and call the CPU launchers (cc/kernels/masked_mae_cpu.h) on XLA's intra-op
+// thread pool, as the TensorFlow CPU kernels do on theirs.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "cc/kernels/host_float16.h"
+#include "cc/kernels/masked_mae_cpu.h"
+#include "cc/xla/masked_mae_ffi.h"
+
+namespace fused_masked_mae::xla_ffi {
+namespace {
+
+// Rows per shard are sized so that a shard is worth a task (~50k cycles).
+constexpr int64_t kMinCyclesPerShard = 50000;
+
+// The launchers' ParallelFor on XLA's thread pool. Shards are claimed from a
+// shared counter by the calling thread and by the tasks it schedules, so the
+// caller finishes every shard itself if no pool thread is free (no deadlock),
+// and a task that starts late finds nothing left. Which thread runs a row
+// never changes its result.
+ParallelFor PoolFor(ffi::ThreadPool* pool) {
+  return [pool](int64_t rows, int64_t cost_per_row, const RowRangeBody& body) {
+    const int64_t threads = std::max<int64_t>(1, pool->num_threads());
+    const int64_t min_rows =
+        std::max<int64_t>(1, kMinCyclesPerShard / std::max<int64_t>(1, cost_per_row));
+    const int64_t shards = std::min(threads, (rows + min_rows - 1) / min_rows);
+    if (shards <= 1) {
+      if (rows > 0) body(0, rows);
+      return;
+    }
+    struct Shared {
+      std::atomic<int64_t> next{0};
+      std::atomic<int64_t> done{0};
+      std::mutex mu;
+      std::condition_variable all_done;
+    };
+    auto shared = std::make_shared<Shared>();
+    const int64_t per_shard = (rows + shards - 1) / shards;
+    const RowRangeBody* work = &body;  // valid until every shard is done
+    auto run = [shared, shards, per_shard, rows, work] {
+      for (int64_t s = shared->next.fetch_add(1); s < shards; s = shared->next.fetch_add(1)) {
+        (*work)(s * per_shard, std::min(rows, (s + 1) * per_shard));
+        if (shared->done.fetch_add(1) + 1 == shards) {
+          std::lock_guard<std::mutex> lock(shared->mu);
+          shared->all_done.notify_all();
+        }
+      }
+    };
+    for (int64_t s = 1; s < shards; ++s) {
+      auto task = run;  // Schedule takes ownership of a copy
+      pool->Schedule(std::move(task));
+    }
+    run();
+    std::unique_lock<std::mutex> lock(shared->mu);
+    shared->all_done.wait(lock, [&] { return shared->done.load() == shards; });
+  };
+}
+
+// Sparse ids are host memory here: an id outside [0, C) is an error, as in
+// the TensorFlow CPU kernel.
+template <typename Id>
+ffi::Error ValidateIds(const Id* ids, int64_t rows, int64_t num_classes) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (ids[i] < 0 || ids[i] >= num_classes) {
+      return ffi::Error::InvalidArgument(
+          "y_true_ids[" + std::to_string(i) + "] (flat index) = " + std::to_string(ids[i]) +
+          " is outside [0, " + std::to_string(num_classes) + ") for y_pred with " +
+          std::to_string(num_classes) + " classes");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <bool kSparse>
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
+                   ffi::Span<const int64_t> masked_tokens, ffi::Result<ffi::AnyBuffer> loss,
+                   ffi::Result<ffi::AnyBuffer> row_keep) {
+  const auto call = ValidateForward(y_true, y_pred, masked_tokens, *loss, *row_keep, kSparse);
+  if (call.has_error()) return call.error();
+  const auto [rows, num_classes] = call.value().geometry;
+  const MaskedTokenSet& tokens = call.value().tokens;
+  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
+      if constexpr (kSparse) {
+        if (auto e = ValidateIds(targets, rows, num_classes); e.failure()) return e;
+      }
+      CpuMaskedMaeForward(targets, static_cast<const T*>(y_pred.untyped_data()), rows,
+                          num_classes, tokens, static_cast<T*>(loss->untyped_data()),
+                          static_cast<uint8_t*>(row_keep->untyped_data()), PoolFor(&pool));
+      return ffi::Error::Success();
+    });
+  });
+}
+
+template <bool kSparse>
+ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
+                ffi::AnyBuffer row_keep, ffi::AnyBuffer grad_loss,
+                ffi::Result<ffi::AnyBuffer> grad_y_pred) {
+  const auto geometry =
+      ValidateGrad(y_true, y_pred, row_keep, grad_loss, *grad_y_pred, kSparse);
+  if (geometry.has_error()) return geometry.error();
+  const auto [rows, num_classes] = geometry.value();
+  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
+      if constexpr (kSparse) {
+        if (auto e = ValidateIds(targets, rows, num_classes); e.failure()) return e;
+      }
+      CpuMaskedMaeGradient(targets, static_cast<const T*>(y_pred.untyped_data()),
+                           static_cast<const uint8_t*>(row_keep.untyped_data()),
+                           static_cast<const T*>(grad_loss.untyped_data()), rows, num_classes,
+                           static_cast<T*>(grad_y_pred->untyped_data()), PoolFor(&pool));
+      return ffi::Error::Success();
+    });
+  });
+}
+
+}  // namespace
+
+using HostContext = ffi::ThreadPool;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardHost, Forward<false>,
+                              BindForward<HostContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardHost, Forward<true>,
+                              BindForward<HostContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradHost, Grad<false>,
+                              BindGrad<HostContext>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradHost, Grad<true>,
+                              BindGrad<HostContext>());
+
+namespace {
+const bool kRegistered = [] {
+  RegisterHandlers("Host", FusedMaskedMaeForwardHost, FusedMaskedMaeSparseForwardHost,
+                   FusedMaskedMaeGradHost, FusedMaskedMaeSparseGradHost);
+  return true;
+}();
+}  // namespace
+
+}  // namespace fused_masked_mae::xla_ffi
