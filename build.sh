@@ -5,7 +5,7 @@
 # installed into the venv.
 #
 #   ./build.sh            set-up and build; the wheel lands in dist/
-#   ./build.sh demo       ... then run the seq2seq demo (examples/), quick mode
+#   ./build.sh demo       ... then run the seq2seq demo (examples/): all three fixes of the Q&A side by side
 #   ./build.sh test       ... then run the whole test suite
 #   ./build.sh bench      ... then run the benchmarks (benchmarks/: CPU, then XLA)
 #   ./build.sh sanitize   ... then build CPU-only ASan+UBSan libraries into
@@ -298,7 +298,7 @@ install_wheel
 
 case "$MODE" in
   build) ;;
-  demo) (cd /tmp && "$VENV/bin/python" "$ROOT/examples/seq2seq_demo.py" "$@") ;;
+  demo) (cd /tmp && "$VENV/bin/python" "$ROOT/examples/seq2seq_demo.py" --out "$ROOT/build/demo" "$@") ;;
   test) "$VENV/bin/python" -m pytest "$ROOT/tests" "$@" ;;
   bench)
     "$VENV/bin/python" "$ROOT/benchmarks/bench_masked_mae.py" "$@"

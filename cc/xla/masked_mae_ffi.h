@@ -140,4 +140,26 @@ std::string RegistrationReport();
 
 }  // namespace fused_masked_mae::xla_ffi
 
+// Defines the four handler symbols of a platform from the Forward<kSparse> and
+// Grad<kSparse> functions in scope, bound with CONTEXT (the platform's thread
+// pool or stream), and registers them for PLATFORM when the library loads
+// (the _IF form: only when CONDITION, evaluated then, holds).
+#define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS(PLATFORM, SUFFIX, CONTEXT) \
+  FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF(PLATFORM, SUFFIX, CONTEXT, true)
+#define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF(PLATFORM, SUFFIX, CONTEXT, CONDITION)      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForward##SUFFIX, Forward<false>,             \
+                                BindForward<CONTEXT>());                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForward##SUFFIX, Forward<true>,        \
+                                BindForward<CONTEXT>());                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGrad##SUFFIX, Grad<false>, BindGrad<CONTEXT>()); \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGrad##SUFFIX, Grad<true>,              \
+                                BindGrad<CONTEXT>());                                      \
+  static const bool kRegistered##SUFFIX = [] {                                             \
+    if (!(CONDITION)) return false;                                                        \
+    RegisterHandlers(PLATFORM, FusedMaskedMaeForward##SUFFIX,                              \
+                     FusedMaskedMaeSparseForward##SUFFIX, FusedMaskedMaeGrad##SUFFIX,      \
+                     FusedMaskedMaeSparseGrad##SUFFIX);                                    \
+    return true;                                                                           \
+  }()
+
 #endif  // FUSED_MASKED_MAE_CC_XLA_MASKED_MAE_FFI_H_

@@ -124,22 +124,6 @@ ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pr
 }  // namespace
 
 using HostContext = ffi::ThreadPool;
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardHost, Forward<false>,
-                              BindForward<HostContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardHost, Forward<true>,
-                              BindForward<HostContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradHost, Grad<false>,
-                              BindGrad<HostContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradHost, Grad<true>,
-                              BindGrad<HostContext>());
-
-namespace {
-const bool kRegistered = [] {
-  RegisterHandlers("Host", FusedMaskedMaeForwardHost, FusedMaskedMaeSparseForwardHost,
-                   FusedMaskedMaeGradHost, FusedMaskedMaeSparseGradHost);
-  return true;
-}();
-}  // namespace
+FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS("Host", Host, HostContext);
 
 }  // namespace fused_masked_mae::xla_ffi

@@ -77,31 +77,19 @@ ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pre
   });
 }
 
+// Like the TF GPU kernels (masked_mae_kernels.cc): no handlers for the GPU when
+// the driver is there but unusable (below r525), so that GPUs stay on the
+// composite under XLA; the op library has already logged why. No driver at
+// all: registered (XLA then has no GPU to run them on).
+bool DriverAllowsCudaHandlers() {
+  const cuda::DriverStatus& driver = cuda::Driver();
+  return driver.state == cuda::DriverState::kOk || driver.version <= 0;
+}
+
 }  // namespace
 
 using CudaContext = ffi::PlatformStream<cudaStream_t>;
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForwardCuda, Forward<false>,
-                              BindForward<CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForwardCuda, Forward<true>,
-                              BindForward<CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGradCuda, Grad<false>,
-                              BindGrad<CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGradCuda, Grad<true>,
-                              BindGrad<CudaContext>());
-
-namespace {
-const bool kRegistered = [] {
-  // Like the TF GPU kernels (masked_mae_kernels.cc): nothing for the GPU when
-  // the driver is there but unusable (below r525), so that GPUs stay on the
-  // composite under XLA; the op library has already logged why.
-  const cuda::DriverStatus& driver = cuda::Driver();
-  if (driver.state != cuda::DriverState::kOk && driver.version > 0) return false;
-  RegisterHandlers("CUDA", FusedMaskedMaeForwardCuda, FusedMaskedMaeSparseForwardCuda,
-                   FusedMaskedMaeGradCuda, FusedMaskedMaeSparseGradCuda);
-  return true;
-}();
-}  // namespace
+FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF("CUDA", Cuda, CudaContext, DriverAllowsCudaHandlers());
 
 }  // namespace fused_masked_mae::xla_ffi
 
