@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds fused_masked_mae from a fresh machine that has python3 and g++ (and,
-# optionally, nvcc): a virtual environment with pinned dependencies, the op
-# library, the pybind11 core, the wheel in dist/, installed into the venv.
+# Builds fused_masked_mae from a fresh machine that has python3 and g++: a
+# virtual environment with pinned dependencies, the op library, the pybind11
+# core (both with the CUDA kernels: see "GPU code" below), the wheel in dist/,
+# installed into the venv.
 #
 #   ./build.sh            set-up and build; the wheel lands in dist/
 #   ./build.sh demo       ... then run the seq2seq demo (examples/): all three fixes of the Q&A side by side
@@ -11,9 +12,15 @@
 #                         build/sanitize/ and run the op tests, the raw-op fuzzer
 #                         and a planted-bug self-check under them
 #
-# Environment: VENV (default .venv), PYTHON (default python3), NVCC or CUDA_HOME
-# (default /usr/local/cuda; no nvcc means a CPU-only build; NO_CUDA=1 forces
-# one), JOBS (parallel compiles, default: number of cores), CXXFLAGS_EXTRA
+# GPU code (README, "CUDA runtime"): clang-19 (installed with apt-get when
+# missing and run as root) compiles the kernels device-only against CUDA 12
+# pieces from PyPI (requirements-cuda.txt, installed into $VENV/cuda12): cubins
+# for sm_70..sm_90 and PTX 8.0, for NVIDIA drivers r525+, embedded in both
+# libraries and loaded through the driver API. No nvcc and no CUDA runtime.
+#
+# Environment: VENV (default .venv), PYTHON (default python3), CUDA_CLANG
+# (default clang++-19; without one the build is CPU-only and says so; NO_CUDA=1
+# forces CPU-only), JOBS (parallel compiles, default: number of cores), CXXFLAGS_EXTRA
 # (appended to host compile and link flags; TF_CXXFLAGS_EXTRA replaces it for
 # the TensorFlow translation units), FUZZ_CASES (sanitize mode).
 set -euo pipefail
@@ -39,13 +46,14 @@ CPU_SOURCES=(cc/kernels/masked_mae_cpu.cc cc/kernels/masked_mae_cpu_baseline.cc
 # CUDA ones compile to nothing without GOOGLE_CUDA. They need
 # libtensorflow_cc.so.2 (the FFI API).
 XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc)
+# Device code only (tools/build_device_code.sh); the host side of the launchers
+# and the driver loader are plain C++ (empty when built without CUDA).
 CUDA_SOURCE=cc/kernels/masked_mae_kernels.cu.cc
+CUDA_HOST_SOURCES=(cc/kernels/masked_mae_launch.cc cc/kernels/cuda_driver.cc)
 CORE_SOURCE=cc/core/core_module.cc
-# sm_75..sm_90 as machine code (CUDA 13's oldest to Hopper), plus PTX of the
-# newest so later GPUs can JIT it.
-CUDA_GENCODE=(-gencode=arch=compute_75,code=sm_75 -gencode=arch=compute_80,code=sm_80
-  -gencode=arch=compute_86,code=sm_86 -gencode=arch=compute_89,code=sm_89
-  -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90)
+# Machine code for V100 (sm_70) to Hopper (sm_90), plus PTX of sm_90 for newer
+# GPUs: tests/test_cuda_build.py checks the built libraries hold exactly these.
+export CUDA_ARCHS="70 75 80 86 89 90" CUDA_PTX_ARCH=90
 
 log() { echo "[build.sh] $*"; }
 
@@ -68,11 +76,12 @@ setup_venv() {
 
 # --- 2. Compile -------------------------------------------------------------
 # compile OUT SRC CMD...: runs CMD only when OUT is older than SRC, a header
-# under cc/, or this script (flags live here).
+# under cc/, or this script or the device-code script (flags live there).
 compile() {
   local out="$1" src="$2"
   shift 2
   if [[ -f "$out" && "$out" -nt "$src" && "$out" -nt "$ROOT/build.sh" ]] &&
+    [[ "$out" -nt "$ROOT/tools/build_device_code.sh" ]] &&
     [[ -z "$(find "$ROOT/cc" -name '*.h' -newer "$out" -print -quit)" ]]; then
     return 0
   fi
@@ -80,16 +89,47 @@ compile() {
   "$@"
 }
 
-find_nvcc() {
-  if [[ -n "${NO_CUDA:-}" ]]; then
-    return 0
-  elif [[ -n "${NVCC:-}" ]]; then
-    echo "$NVCC"
-  elif [[ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]; then
-    echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
-  elif command -v nvcc >/dev/null 2>&1; then
-    command -v nvcc
+# The CUDA 12 device toolchain: sets cuda_clang and cuda_path, or returns 1
+# (CPU-only build) with the reason logged. Idempotent and quick when done.
+setup_cuda_toolchain() {
+  [[ -z "${NO_CUDA:-}" ]] || { log "NO_CUDA set: building CPU-only"; return 1; }
+  cuda_clang="${CUDA_CLANG:-clang++-19}"
+  if ! command -v "$cuda_clang" >/dev/null 2>&1 && [[ -z "${CUDA_CLANG:-}" ]] &&
+    [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing clang-19 (Debian) for the CUDA kernels"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 >/dev/null
   fi
+  if ! command -v "$cuda_clang" >/dev/null 2>&1; then
+    log "$cuda_clang not found (install clang-19 or set CUDA_CLANG): building CPU-only"
+    return 1
+  fi
+  cuda_clang="$(command -v "$cuda_clang")"
+  local wheels="$VENV/cuda12" stamp want
+  stamp="$wheels/.requirements.sha"
+  want="$(sha256sum requirements-cuda.txt | cut -d' ' -f1)"
+  if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    log "installing the CUDA 12 toolchain wheels (requirements-cuda.txt) into $wheels"
+    rm -rf "$wheels"
+    "$VENV/bin/python" -m pip install -q --no-deps --target "$wheels" -r requirements-cuda.txt
+    echo "$want" >"$stamp"
+  fi
+  # A CUDA 12 folder in the layout clang expects, made of links into the wheels.
+  local nv="$wheels/nvidia"
+  cuda_path="$BUILD_DIR/cuda12"
+  rm -rf "$cuda_path"
+  mkdir -p "$cuda_path/include" "$cuda_path/bin" "$cuda_path/nvvm"
+  local dir entry
+  for dir in "$nv/cuda_runtime/include" "$nv/cuda_cccl/include" "$nv/cuda_nvcc/include"; do
+    for entry in "$dir"/*; do
+      [[ "$(basename "$entry")" == __* ]] || ln -sfn "$entry" "$cuda_path/include/"
+    done
+  done
+  # clang's CUDA wrapper includes it; CUDA 12's curand ships separately and is unused.
+  : >"$cuda_path/include/curand_mtgp32_kernel.h"
+  chmod +x "$nv/cuda_nvcc/bin/ptxas"  # zip archives may drop the bit
+  ln -sfn "$nv/cuda_nvcc/bin/ptxas" "$cuda_path/bin/ptxas"
+  ln -sfn "$nv/cuda_nvcc/nvvm/libdevice" "$cuda_path/nvvm/libdevice"
 }
 
 build_libraries() {
@@ -117,27 +157,24 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
   local tf_flags=($tf_cflags -Wno-deprecated-declarations -Wno-interference-size)
   local cuda_defs=() cuda_objs=() cuda_libs=()
 
-  local nvcc cuda_enabled=False
-  nvcc="$(find_nvcc)"
-  if [[ -n "$nvcc" ]]; then
-    [[ -x "$nvcc" ]] || { echo "NVCC=$nvcc is not executable" >&2; exit 1; }
+  local cuda_enabled=False cuda_clang cuda_path
+  if setup_cuda_toolchain; then
     cuda_enabled=True
-    local cuda_home
-    cuda_home="$(cd "$(dirname "$nvcc")/.." && pwd)"
-    compile "$BUILD_DIR/masked_mae_cuda.o" "$ROOT/$CUDA_SOURCE" \
-      "$nvcc" -x cu -std=c++17 -O3 -Xcompiler -fPIC -I"$ROOT" "${CUDA_GENCODE[@]}" \
-      -c "$ROOT/$CUDA_SOURCE" -o "$BUILD_DIR/masked_mae_cuda.o"
-    cuda_objs=("$BUILD_DIR/masked_mae_cuda.o")
-    cuda_defs=(-DGOOGLE_CUDA=1 -DFUSED_MASKED_MAE_WITH_CUDA=1 -I"$cuda_home/include")
-    # The CUDA 13 runtime, linked statically and hidden (--exclude-libs), and
-    # before TensorFlow's library, which exports CUDA 12.5 runtime entry points
-    # of its own. See README, "CUDA runtime".
-    cuda_libs=(-L"$cuda_home/lib64" -l:libcudart_static.a -ldl -lrt -lpthread)
-  elif [[ -n "${NO_CUDA:-}" ]]; then
-    log "NO_CUDA set: building CPU-only"
-  else
-    log "nvcc not found (set NVCC or CUDA_HOME): building CPU-only"
+    export CUDA_CLANG="$cuda_clang" CUDA_PATH="$cuda_path" JOBS
+    log "CUDA kernels: $("$cuda_clang" --version | head -1), ptxas $("$cuda_path/bin/ptxas" --version | grep -o 'V[0-9][0-9.]*' | tail -1)"
+    compile "$BUILD_DIR/masked_mae_device_code.o" "$ROOT/$CUDA_SOURCE" \
+      "$ROOT/tools/build_device_code.sh" "$BUILD_DIR/masked_mae_device_code.o" "$ROOT/$CUDA_SOURCE"
+    cuda_objs=("$BUILD_DIR/masked_mae_device_code.o")
+    cuda_defs=(-DGOOGLE_CUDA=1 -DFUSED_MASKED_MAE_WITH_CUDA=1 -I"$cuda_path/include")
+    cuda_libs=(-ldl)
   fi
+  # The launchers' host side and the driver loader (empty without CUDA), in both libraries.
+  for src in "${CUDA_HOST_SOURCES[@]}"; do
+    local obj="$BUILD_DIR/$(basename "${src%.cc}").o"
+    compile "$obj" "$ROOT/$src" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
+      -fvisibility=hidden "${cuda_defs[@]}" -c "$ROOT/$src" -o "$obj"
+    cuda_objs+=("$obj")
+  done
 
   # Host compiles, two at a time (each TensorFlow translation unit needs ~1.5 GB).
   local op_objs=() pids=()

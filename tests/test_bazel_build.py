@@ -8,7 +8,7 @@ From build.sh: the C++ sources (literal `cc/...` paths and the variables that
 hold them), which compile command builds each one and with which flags, and
 which objects each `g++ -shared -o ...` line links. From BUILD: the sources
 each cc_binary compiles, with the `:cuda` config_setting off and on (build.sh
-without and with nvcc).
+without and with the CUDA kernels).
 """
 
 import functools
@@ -124,12 +124,17 @@ class BuildSh:
                 sources |= self.objects.get(word, set()) | set(SRC_RE.findall(word))
             self.links[stem] = (sources, words)
 
+    @staticmethod
+    def is_device_command(command):
+        # nvcc, or the device-code script (clang --cuda-device-only + embedding).
+        return bool(re.search(r"nvcc|clang|build_device_code", command[0]))
+
     def is_device_source(self, source):
-        return any(source in s and "nvcc" in cmd[0] for s, cmd in self.compiles)
+        return any(source in s and self.is_device_command(cmd) for s, cmd in self.compiles)
 
     def array_flags(self, name):
         """(flags, conditional): literal flags of an array; arrays that start out
-        empty are only filled when nvcc is found (cuda_defs), i.e. CUDA-only."""
+        empty are only filled with the CUDA toolchain (cuda_defs), i.e. CUDA-only."""
         values = self.arrays.get(name, [])
         flags = [w for words in values for w in words if w.startswith("-") and "$" not in w]
         return flags, bool(values) and values[0] == []
@@ -269,13 +274,16 @@ def local_path(label, targets):
 
 
 def compiled_sources(targets, name, cfg):
-    """The .cc translation units a C++ target builds, its C++ deps included."""
+    """The .cc translation units a C++ target builds, its C++ deps included, and
+    those of rules generating its sources (the device-code genrule)."""
     kind, attrs = targets[name]
     sources = {}
     for label in resolved(attrs.get("srcs", []), cfg):
         path = local_path(label, targets)
         if path and path.endswith(".cc"):
             sources[path] = name
+        elif local_target(label, targets):
+            sources.update(compiled_sources(targets, local_target(label, targets), cfg))
     for dep in resolved(attrs.get("deps", []), cfg):
         if local_target(dep, targets):
             sources.update(compiled_sources(targets, local_target(dep, targets), cfg))
@@ -326,8 +334,8 @@ def flag_mismatches(build_sh_text, build_text):
         for cfg in (CPU, CUDA):
             owners = compiled_sources(targets, name, cfg)
             for compile_sources, command in sh.compiles:
-                if "nvcc" in command[0]:
-                    continue  # rules_cuda's own command line; see BUILD
+                if sh.is_device_command(command):
+                    continue  # the device-code script's own command line; see BUILD
                 always, cuda_only = sh.host_flags(command)
                 want = always | (cuda_only if cfg == CUDA else set())
                 for source in sorted(compile_sources & set(owners)):

@@ -30,6 +30,10 @@ def _gpu_backends():
 
             if cupy.cuda.runtime.getDeviceCount() > 0:
                 backends.append("cupy")
+                if os.environ.get("FUSED_MASKED_MAE_CUPY_POOL") == "off":
+                    # Under compute-sanitizer (tools/gpu_check.sh): every array its
+                    # own allocation, so an overrun is not hidden inside a pool block.
+                    cupy.cuda.set_allocator(None)
         except Exception:  # no driver or no device
             pass
     return backends
@@ -83,8 +87,20 @@ def to_host(array, dtype):
 
 
 def backends_for(dtype):
-    # CuPy has no bfloat16.
-    return [b for b in BACKENDS if not (b == "cupy" and dtype == ml_dtypes.bfloat16)]
+    """The backends that hold `dtype` (CuPy has no bfloat16); skips rather than
+    passing vacuously when there is none."""
+    backends = [b for b in BACKENDS if not (b == "cupy" and dtype == ml_dtypes.bfloat16)]
+    if not backends:
+        pytest.skip(f"no backend here holds {np.dtype(dtype).name} (bfloat16 needs PyTorch)")
+    return backends
+
+
+def torch_or_skip():
+    if "torch" not in BACKENDS:
+        pytest.skip("needs PyTorch with CUDA")
+    import torch
+
+    return torch
 
 
 def inputs(rows, num_classes, dtype, seed):
@@ -208,3 +224,136 @@ def test_bad_device_inputs_raise():
     strided = to_device(np.zeros((2, 6), np.float32), backend)[:, ::2]
     with pytest.raises(ValueError, match="C-contiguous"):
         core.forward(strided, strided, [0])
+
+
+# --- Blind spots: lanes, warps and blocks, grids, streams, devices, out= -----------
+
+
+def tie_rows(num_classes, dtype, rng):
+    """Rows whose maxima tie across lanes, warps and blocks: the same maximum
+    at indices that different lanes (and for wide rows different warps) see,
+    first at a late position, and rows where a later lane holds the first index."""
+    rows = []
+    for first in sorted({0, 1, num_classes // 3, num_classes // 2, num_classes - 1}):
+        for extra in (num_classes - 1, first + 33, first + 129, first + 1025):
+            row = rng.random(num_classes) * 0.5
+            row[first] = 1.0
+            if first < extra < num_classes:
+                row[extra] = 1.0  # a tie later: argmax must stay at `first`
+            rows.append(row)
+    return np.array(rows).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("num_classes", [33, 200, 1549, 32000])
+def test_argmax_ties_across_lanes_and_warps(num_classes, dtype):
+    # C = 200 float32 is the 16-lane path; 1549 and 32000 take whole blocks.
+    rng = np.random.default_rng(num_classes)
+    y_pred = tie_rows(num_classes, dtype, rng)
+    # Targets: the same tied rows (argmaxes agree) and shifted ones (they differ).
+    y_true = np.concatenate([y_pred, np.roll(y_pred, 1, axis=0)])
+    y_pred = np.concatenate([y_pred, y_pred])
+    firsts = np.argmax(np.asarray(y_true, np.float64), axis=-1)
+    tokens = sorted(set(firsts.tolist()))[:8]
+    ones = np.ones(len(y_true), dtype)
+    for backend in backends_for(dtype):
+        t, p = to_device(y_true, backend), to_device(y_pred, backend)
+        loss = to_host(core.forward(t, p, tokens), dtype)
+        expected = ref.loss(y_true, y_pred, tokens)
+        np.testing.assert_array_equal(loss == 0, expected == 0)  # masking is exact
+        assert_same(to_host(core.gradient(t, p, to_device(ones, backend), tokens), dtype),
+                    ref.gradient(y_true, y_pred, ones, tokens))
+
+
+def test_out_writes_into_given_arrays():
+    backend = BACKENDS[0]
+    y_true, y_pred = inputs(8, 40, np.float32, seed=5)
+    t, p = to_device(y_true, backend), to_device(y_pred, backend)
+    loss_out = to_device(np.full(8, 7.0, np.float32), backend)
+    grad_out = to_device(np.full((8, 40), 7.0, np.float32), backend)
+    assert core.forward(t, p, [0], out=loss_out) is loss_out
+    g = to_device(np.ones(8, np.float32), backend)
+    assert core.gradient(t, p, g, [0], out=grad_out) is grad_out
+    assert_same(to_host(loss_out, np.float32), to_host(core.forward(t, p, [0]), np.float32))
+    assert_same(to_host(grad_out, np.float32), ref.gradient(y_true, y_pred, np.ones(8), [0]))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0, 7), (0,)], ids=str)
+def test_zero_size_inputs(shape):
+    backend = BACKENDS[0]
+    if shape[-1] == 0 or len(shape) == 1 and shape[0] == 0:
+        y = to_device(np.zeros(shape, np.float32), backend)
+        with pytest.raises(ValueError, match="must be positive"):
+            core.forward(y, y, [])
+        return
+    y = to_device(np.zeros(shape, np.float32), backend)
+    assert tuple(core.forward(y, y, [1]).shape) == shape[:-1]
+    g = to_device(np.zeros(shape[:-1], np.float32), backend)
+    assert tuple(core.gradient(y, y, g, [1]).shape) == shape
+
+
+def test_non_default_stream_is_used():
+    torch = torch_or_skip()
+    y_true, y_pred = inputs(512, 1549, np.float32, seed=11)
+    t, p = to_device(y_true, "torch"), to_device(y_pred, "torch")
+    g = to_device(np.ones(512, np.float32), "torch")
+    expected_loss = to_host(core.forward(t, p, [0]), np.float32)
+    expected_grad = to_host(core.gradient(t, p, g, [0]), np.float32)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)  # the stream is busy: work queued behind it waits
+        loss = core.forward(t, p, [0])
+        grad = core.gradient(t, p, g, [0])
+        done = torch.cuda.Event()
+        done.record(stream)
+    assert not done.query(), "the launches did not queue on the given stream"
+    stream.synchronize()
+    assert_same(to_host(loss, np.float32), expected_loss)
+    assert_same(to_host(grad, np.float32), expected_grad)
+
+
+def test_rows_beyond_the_grid_cap():
+    # The launchers cap grids at 2^20 blocks and grid-stride: the block-per-row
+    # forward (C = 1040 float32) with 2^20 + 3 rows, and the gradient stream
+    # with more than 2^20 * 256 16-byte chunks (1.09e9 elements).
+    torch = torch_or_skip()
+    if torch.cuda.get_device_properties(0).total_memory < 48 * 2**30:
+        pytest.skip("needs a GPU with 48 GiB")
+    rows, num_classes = (1 << 20) + 3, 1040
+    y_pred = torch.rand(rows, num_classes, device="cuda")
+    y_true = torch.zeros_like(y_pred)
+    y_true[:, 3] = 1
+    y_pred[-1, 3] = 5.0  # the last row predicts its masked target: loss 0
+    loss, keep = core.forward(y_true, y_pred, [3], return_keep=True)
+    expected = (y_pred - y_true).abs().mean(-1)
+    expected[-1] = 0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert int(keep[-1]) == 0 and int(keep[:-1].min()) == 1
+    grad = core.gradient(y_true, y_pred, torch.ones(rows, device="cuda"), row_keep=keep)
+    sign = torch.sign(y_pred - y_true) / num_classes
+    sign[-1] = 0
+    assert torch.equal(grad, sign)
+    del grad, y_true, y_pred
+
+
+def test_arrays_on_another_device_run_there():
+    torch = torch_or_skip()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    y_true, y_pred = inputs(64, 1549, np.float32, seed=13)
+    expected = ref.loss(y_true, y_pred, [0])
+    with torch.cuda.device(0):  # current device 0, arrays on cuda:1
+        t = torch.from_numpy(y_true).to("cuda:1")
+        p = torch.from_numpy(y_pred).to("cuda:1")
+        loss = core.forward(t, p, [0])
+    assert loss.device.index == 1
+    np.testing.assert_allclose(loss.cpu().numpy(), expected, rtol=5e-6)
+    with pytest.raises(ValueError, match="device"):
+        core.forward(t, torch.from_numpy(y_pred).to("cuda:0"), [0])
+
+
+def test_bfloat16_runs_when_pytorch_is_present():
+    # The bf16 cases above skip (not pass) without PyTorch; say so here too.
+    torch_or_skip()
+    assert backends_for(ml_dtypes.bfloat16) == ["torch"]

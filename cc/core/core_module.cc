@@ -5,7 +5,8 @@
 //   instruction-set variant it runs.
 // - cuda_forward / cuda_gradient: raw device pointers (from CuPy or PyTorch,
 //   see python/fused_masked_mae/core.py), through the same CUDA launchers as
-//   the TensorFlow GPU kernels. Present when built with nvcc.
+//   the TensorFlow GPU kernels, on the device that holds the arrays (all on
+//   one device, and the stream's). Present when built with the CUDA kernels.
 // Every entry point validates its arguments before touching memory and raises
 // ValueError/TypeError naming the offending values.
 #include <pybind11/numpy.h>
@@ -26,6 +27,7 @@
 #include "cc/kernels/masked_mae_row.h"
 
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
+#include "cc/kernels/cuda_driver.h"
 #include "cc/kernels/masked_mae_cuda.h"
 #endif
 
@@ -273,11 +275,11 @@ double ProbeBandwidth(const std::string& mode, double megabytes, int threads, in
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
 
 template <typename Fn>
-cudaError_t DispatchCudaDtype(const std::string& dtype, Fn&& fn) {
+CUresult DispatchCudaDtype(const std::string& dtype, Fn&& fn) {
   if (dtype == "float32") return fn(float{});
   if (dtype == "float64") return fn(double{});
-  if (dtype == "float16") return fn(__half{});
-  if (dtype == "bfloat16") return fn(__nv_bfloat16{});
+  if (dtype == "float16") return fn(HostHalf{});
+  if (dtype == "bfloat16") return fn(HostBFloat16{});
   throw py::type_error("dtype must be float16, bfloat16, float32 or float64, got " + dtype);
 }
 
@@ -285,22 +287,36 @@ void CheckCudaPointer(uintptr_t ptr, const char* name, int64_t rows) {
   if (rows > 0 && ptr == 0) Fail(std::string(name) + " is a null device pointer");
 }
 
-void CheckCudaStatus(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string(what) + " CUDA launch failed: " +
-                             cudaGetErrorString(status));
+void CheckCudaStatus(CUresult status, const std::string& what) {
+  if (status != CUDA_SUCCESS) {
+    throw std::runtime_error(what + " failed: " + cuda::ErrorMessage(status));
   }
+}
+
+// The device of the array at `ptr`: a ValueError when it is not device memory.
+int DeviceOf(uintptr_t ptr, const char* name) {
+  int device = -1;
+  const CUresult status = cuda::PointerDevice(ptr, &device);
+  if (status == CUDA_ERROR_INVALID_VALUE) {
+    Fail(std::string(name) + " is not CUDA device memory");
+  }
+  CheckCudaStatus(status, std::string("finding the device of ") + name);
+  return device;
 }
 
 // y_true is a device pointer to dense values of `dtype` (id_dtype empty), or
 // to int32/int64 class ids (id_dtype "int32"/"int64"; an id outside [0, C)
 // gives NaN on the GPU: the caller validates ids where it can).
 template <typename T, typename Fn>
-cudaError_t DispatchCudaTargets(uintptr_t y_true, const std::string& id_dtype, Fn&& fn) {
+CUresult DispatchCudaTargets(uintptr_t y_true, const std::string& id_dtype, Fn&& fn) {
   if (id_dtype.empty()) return fn(reinterpret_cast<const T*>(y_true));
   if (id_dtype == "int32") return fn(reinterpret_cast<const int32_t*>(y_true));
   if (id_dtype == "int64") return fn(reinterpret_cast<const int64_t*>(y_true));
   throw py::type_error("id_dtype must be '', 'int32' or 'int64', got " + id_dtype);
+}
+
+const char* sparse_name(const std::string& id_dtype) {
+  return id_dtype.empty() ? "y_true" : "y_true_ids";
 }
 
 // The forward (grad_loss unused; row_keep written when not 0) or the gradient
@@ -318,7 +334,34 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
     CheckCudaPointer(grad_loss, "grad_loss", view.rows);
   }
   CheckCudaPointer(out, gradient ? "grad_y_pred" : "loss", view.rows);
+  // dtype names are checked before the driver is asked anything.
+  DispatchCudaDtype(dtype, [](auto) { return CUDA_SUCCESS; });
+  DispatchCudaTargets<float>(0, id_dtype, [](auto) { return CUDA_SUCCESS; });
+  if (view.rows == 0) return;  // nothing to read or write (pointers may be null)
+  // Run on the arrays' device, whatever device is current: every array and
+  // the stream must be on the one that holds y_pred.
+  const int device = DeviceOf(y_pred, "y_pred");
+  const std::pair<const char*, uintptr_t> others[] = {
+      {sparse_name(id_dtype), y_true}, {"row_keep", row_keep}, {"grad_loss", grad_loss},
+      {gradient ? "grad_y_pred" : "loss", out}};
+  for (const auto& [name, ptr] : others) {
+    if (ptr == 0) continue;  // grad_loss of the forward, row_keep not asked for
+    const int other = DeviceOf(ptr, name);
+    if (other != device) {
+      Fail(std::string("all arrays must be on one device: y_pred is on cuda:") +
+           std::to_string(device) + ", " + name + " on cuda:" + std::to_string(other));
+    }
+  }
   py::gil_scoped_release release;
+  const cuda::ScopedDevice on_device(device);
+  CheckCudaStatus(on_device.status(), "activating cuda:" + std::to_string(device));
+  int stream_device = -1;
+  CheckCudaStatus(cuda::StreamDevice(reinterpret_cast<CUstream>(stream), &stream_device),
+                  "finding the stream's device");
+  if (stream_device != device) {
+    Fail("the stream belongs to cuda:" + std::to_string(stream_device) +
+         ", the arrays to cuda:" + std::to_string(device));
+  }
   const auto launch = [&](auto zero) {
     using T = decltype(zero);
     return DispatchCudaTargets<T>(y_true, id_dtype, [&](auto targets) {
@@ -344,7 +387,8 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
     });
   };
   CheckCudaStatus(DispatchCudaDtype(dtype, launch),
-                  gradient ? "masked MAE gradient" : "masked MAE forward");
+                  gradient ? "the masked MAE gradient CUDA launch"
+                           : "the masked MAE forward CUDA launch");
 }
 
 #endif  // FUSED_MASKED_MAE_WITH_CUDA
@@ -391,6 +435,33 @@ PYBIND11_MODULE(_core, m) {
         "Host memory bandwidth in GB/s: 'read' (bytes read) or 'copy' (read + written).");
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
   m.attr("WITH_CUDA") = true;
+  m.attr("MIN_DRIVER_VERSION") = cuda::kMinimumDriverVersion;
+  static const auto state_name = [](cuda::DriverState state) {
+    return state == cuda::DriverState::kOk       ? "ok"
+           : state == cuda::DriverState::kTooOld ? "too_old"
+                                                 : "missing";
+  };
+  m.def(
+      "cuda_driver",
+      [] {
+        const cuda::DriverStatus& d = cuda::Driver();
+        return py::make_tuple(state_name(d.state), d.version, d.message);
+      },
+      "(state, version, message) of the NVIDIA driver: state is 'ok', 'too_old' (below "
+      "MIN_DRIVER_VERSION, CUDA 12.0 = r525) or 'missing'.");
+  m.def(
+      "classify_driver_version",
+      [](int version) { return std::string(state_name(cuda::ClassifyDriverVersion(version))); },
+      py::arg("version"), "What the library makes of a cuDriverGetVersion() value.");
+  m.def("driver_too_old_message", &cuda::TooOldMessage, py::arg("version"));
+  m.def(
+      "kernel_names",
+      [] {
+        std::vector<std::string> names;
+        for (int k = 0; k < kNumKernels; ++k) names.push_back(KernelName(k));
+        return names;
+      },
+      "The kernel names the launchers look up in the embedded device code.");
   m.def(
       "cuda_forward",
       [](uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, const std::vector<int64_t>& shape,

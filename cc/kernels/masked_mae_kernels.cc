@@ -22,7 +22,9 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 
 #if GOOGLE_CUDA
+#include "cc/kernels/cuda_driver.h"
 #include "cc/kernels/masked_mae_cuda.h"
+#include "tensorflow/core/platform/logging.h"
 #endif
 
 namespace fused_masked_mae {
@@ -112,15 +114,16 @@ struct MaskedMaeGradFunctor<CPUDevice, T, TargetT> {
 };
 
 #if GOOGLE_CUDA
+// The launchers take the host 16-bit types (same bits as Eigen's and CUDA's).
 template <typename T>
 auto AsCuda(T* ptr) {
-  return ViewAs<__half, __nv_bfloat16>(ptr);
+  return AsHost(ptr);
 }
 
-absl::Status LaunchStatus(cudaError_t error, const char* what) {
-  if (error == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat("launching the ", what, " CUDA kernel failed: ", cudaGetErrorString(error)));
+absl::Status LaunchStatus(CUresult error, const char* what) {
+  if (error == CUDA_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("launching the ", what, " CUDA kernel failed: ",
+                                          cuda::ErrorMessage(error)));
 }
 
 template <typename T, typename TargetT>
@@ -340,12 +343,36 @@ TF_CALL_double(REGISTER_CPU);
 #undef REGISTER_CPU
 
 #if GOOGLE_CUDA
+// The GPU kernels are registered only when they can run: a static
+// REGISTER_KERNEL_BUILDER cannot be conditional, so these registrations are
+// function-local statics, run once by the load-time initializer below after
+// checking the driver. With a driver older than the minimum (CUDA 12.0, r525)
+// TensorFlow then places the ops on the CPU instead of failing at the first
+// launch, and one warning says why. Without any driver (CPU-only machines)
+// TensorFlow has no GPU device, so registering changes nothing and stays silent.
+void RegisterGpuKernels() {
 #define REGISTER_GPU(T) REGISTER_KERNELS(::tensorflow::DEVICE_GPU, GPUDevice, T)
-TF_CALL_half(REGISTER_GPU);
-TF_CALL_bfloat16(REGISTER_GPU);
-TF_CALL_float(REGISTER_GPU);
-TF_CALL_double(REGISTER_GPU);
+  TF_CALL_half(REGISTER_GPU);
+  TF_CALL_bfloat16(REGISTER_GPU);
+  TF_CALL_float(REGISTER_GPU);
+  TF_CALL_double(REGISTER_GPU);
 #undef REGISTER_GPU
+}
+
+namespace {
+const bool gpu_kernels_registered = [] {
+  const cuda::DriverStatus& driver = cuda::Driver();
+  // A driver that is there but unusable (too old, or missing an entry point):
+  // TensorFlow could still place the ops on a GPU, so keep them off it.
+  if (driver.state != cuda::DriverState::kOk && driver.version > 0) {
+    LOG(WARNING) << "fused_masked_mae: GPU kernels not registered, the ops run on the CPU: "
+                 << driver.message;
+    return false;
+  }
+  RegisterGpuKernels();
+  return true;
+}();
+}  // namespace
 #endif  // GOOGLE_CUDA
 
 }  // namespace fused_masked_mae

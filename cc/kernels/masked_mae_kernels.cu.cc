@@ -1,18 +1,30 @@
 // CUDA kernels for the fused masked MAE loss and its gradient.
 //
-// TensorFlow-free (compiled by nvcc without TF headers) so that the same object
-// serves the TensorFlow GPU kernels and the pybind11 core. The math is
-// masked_mae_row.h's; this file only maps rows onto threads:
+// Device code only: tools/build_device_code.sh compiles it with clang
+// (--cuda-device-only) into one cubin per architecture plus PTX, which are
+// embedded in the host libraries and loaded through the CUDA driver API
+// (cuda_driver.cc); the host launchers that pick the kernel and its launch
+// shape are plain C++ (masked_mae_launch.cc). Every kernel is an
+// `extern "C"` wrapper with the name masked_mae_kernel_abi.h spells, taking
+// the KernelParams block declared there. No TensorFlow and no CUDA runtime
+// API: the same images serve the TensorFlow GPU kernels and the pybind11 core.
+// The math is masked_mae_row.h's; this file only maps work onto threads.
+// The forward (loss and keep byte per row) maps rows:
 //   - small rows: a group of 1..32 lanes of a warp per row, several rows per block;
 //   - large rows: a whole block (64..512 threads) per row.
+// The gradient is a flat element-wise stream (GradientStream): no reduction.
 // Within a row, element i belongs to 16-byte chunk i / kVec, and lane l visits
 // chunks l, l + group, ... in increasing order. That assignment depends only on
 // num_classes, never on addresses (alignment only decides whether a chunk is
 // read with one 16-byte load or element by element), and the reductions use a
 // fixed butterfly/tree order with no atomics: results are bitwise reproducible.
-#include <algorithm>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
-#include "cc/kernels/masked_mae_cuda.h"
+#include <cstdint>
+#include <type_traits>
+
+#include "cc/kernels/masked_mae_kernel_abi.h"
 
 namespace fused_masked_mae {
 
@@ -29,10 +41,8 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kRowsPerWarpBlockThreads = 256;  // block size when a row fits in a warp
-constexpr int kMaxRowBlockThreads = 512;       // largest block for one row
-constexpr int64_t kMaxGridBlocks = 1 << 20;    // grid-stride beyond this
-constexpr int kChunksPerLane = 4;              // work per lane that sizes the group
+constexpr int kMaxRowBlockThreads = 512;    // largest forward block (masked_mae_launch.cc picks the shape)
+constexpr int kGradientBlockThreads = 256;  // the gradient's block (masked_mae_launch.cc)
 
 // Where a kernel reads its targets: dense rows of T, or one class id per row.
 template <typename T>
@@ -45,14 +55,15 @@ struct DenseTargets {
 
 template <typename Id>
 struct SparseTargets {
-  const Id* ids;
+  const Id* values;  // class ids
   __device__ SparseTargetRow Row(int64_t row, int64_t) const {
-    return {static_cast<int64_t>(ids[row])};
+    return {static_cast<int64_t>(values[row])};
   }
 };
 
+// KernelParams with its pointers typed.
 template <typename T, typename Targets>
-struct KernelParams {
+struct TypedParams {
   Targets y_true;
   const T* y_pred;
   const T* grad_loss;  // gradient kernel only
@@ -60,7 +71,17 @@ struct KernelParams {
   uint8_t* row_keep;   // forward: written when not null; gradient: read
   int64_t rows;
   int64_t num_classes;
-  MaskedTokenSet tokens;
+  const MaskedTokenSet& tokens;
+
+  __device__ explicit TypedParams(const KernelParams& p)
+      : y_true{static_cast<decltype(Targets::values)>(p.y_true)},
+        y_pred(static_cast<const T*>(p.y_pred)),
+        grad_loss(static_cast<const T*>(p.grad_loss)),
+        out(static_cast<T*>(p.out)),
+        row_keep(p.row_keep),
+        rows(p.rows),
+        num_classes(p.num_classes),
+        tokens(p.tokens) {}
 };
 
 template <typename T>
@@ -195,33 +216,11 @@ __device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc
   return part;
 }
 
-template <typename T, typename TargetRow, typename Acc>
-__device__ __forceinline__ void WriteLaneGradient(const TargetRow& t, const T* p, T* grad,
-                                                  int64_t num_classes, bool vector_ok,
-                                                  int lane, int group, Acc scale) {
-  constexpr int kVec = Vec<T>::kSize;
-  ForEachLaneChunk<kVec>(
-      num_classes, vector_ok, lane, group,
-      [&](int64_t first) {
-        Acc tv[kVec];
-        LoadTargetChunk<T>(t, first, tv);
-        Chunk<T> pc, gc;
-        pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          gc.values[k] = ElementGradient<T>(scale, tv[k], static_cast<Acc>(pc.values[k]));
-        }
-        *reinterpret_cast<uint4*>(grad + first) = gc.raw;
-      },
-      [&](int64_t i) {
-        grad[i] = ElementGradient<T>(scale, t.template At<Acc>(i), static_cast<Acc>(p[i]));
-      });
-}
-
-// kGroup: lanes per row (1..32), or 0 for one whole block per row.
-template <typename T, typename Targets, int kGroup, bool kGradient>
-__global__ void __launch_bounds__(kMaxRowBlockThreads)
-    MaskedMaeKernel(KernelParams<T, Targets> params) {
+// The forward: loss and keep byte per row. kGroup: lanes per row (1..32), or
+// 0 for one whole block per row.
+template <typename T, typename Targets, int kGroup>
+__device__ __forceinline__ void MaskedMaeRows(const KernelParams& raw_params) {
+  const TypedParams<T, Targets> params(raw_params);
   using Acc = typename AccumulatorOf<T>::type;
   const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
   const int group = kGroup > 0 ? kGroup : static_cast<int>(blockDim.x);
@@ -240,24 +239,8 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads)
     const auto t = params.y_true.Row(safe_row, num_classes);
     const bool valid = in_range && TargetValid(t, num_classes);
     const T* p = params.y_pred + offset;
-    bool vector_ok = TargetAligned(t) && Aligned16(p);
-    if (kGradient) vector_ok = vector_ok && Aligned16(params.out + offset);
-
+    const bool vector_ok = TargetAligned(t) && Aligned16(p);
     const Acc nan = Acc(NAN);
-    if constexpr (kGradient) {
-      // One streaming pass: the forward saved the row's keep byte.
-      if (valid) {
-        const Acc scale = RowGradientScale(params.grad_loss[row],
-                                           KeepFromByte<Acc>(params.row_keep[row]), num_classes);
-        WriteLaneGradient(t, p, params.out + offset, num_classes, vector_ok, lane, group, scale);
-      } else if (in_range) {
-        for (int64_t i = lane; i < num_classes; i += group) {
-          params.out[offset + i] = static_cast<T>(nan);
-        }
-      }
-      continue;
-    }
-
     RowPartial<Acc> part = valid
                                ? ScanLaneChunks(t, p, num_classes, vector_ok, lane, group, lowest)
                                : RowPartial<Acc>::Empty(lowest);
@@ -269,106 +252,128 @@ __global__ void __launch_bounds__(kMaxRowBlockThreads)
   }
 }
 
-int NextPowerOfTwo(int64_t n) {
-  int p = 1;
-  while (p < n) p *= 2;
-  return p;
-}
-
-template <typename T, typename Targets, bool kGradient>
-cudaError_t Launch(const KernelParams<T, Targets>& params, cudaStream_t stream) {
-  if (params.rows == 0) return cudaSuccess;
-  const int64_t chunks = (params.num_classes + Vec<T>::kSize - 1) / Vec<T>::kSize;
-  const int64_t lanes_wanted = (chunks + kChunksPerLane - 1) / kChunksPerLane;
-  if (lanes_wanted <= kWarpSize) {
-    const int group = NextPowerOfTwo(lanes_wanted);
-    const int64_t rows_per_block = kRowsPerWarpBlockThreads / group;
-    const int64_t blocks =
-        std::min((params.rows + rows_per_block - 1) / rows_per_block, kMaxGridBlocks);
-    const dim3 grid(static_cast<unsigned>(blocks)), block(kRowsPerWarpBlockThreads);
-    switch (group) {
-#define MMAE_CASE(G)                                                                 \
-  case G:                                                                            \
-    MaskedMaeKernel<T, Targets, G, kGradient><<<grid, block, 0, stream>>>(params); \
-    break;
-      MMAE_CASE(1)
-      MMAE_CASE(2)
-      MMAE_CASE(4)
-      MMAE_CASE(8)
-      MMAE_CASE(16)
-      default:
-        MMAE_CASE(32)
-#undef MMAE_CASE
+// The gradient, d loss / d y_pred, as one flat element-wise stream over the
+// rows * num_classes elements: no reduction and no argmax (the forward saved
+// each row's keep byte), each input read once. A thread takes 16-byte chunks
+// of the flat arrays (grid-stride), finds the first element's row with one
+// division and steps over row boundaries inside the chunk, so rows of any
+// length and alignment get 16-byte accesses as long as y_pred, the gradient
+// and (dense) y_true share their alignment; the peel before the first
+// aligned chunk and the tail go element by element. Every element gets
+// ElementGradient(row factor, t, p) as before: the same bits.
+template <typename T, typename Targets>
+__device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
+  const TypedParams<T, Targets> params(raw_params);
+  using Acc = typename AccumulatorOf<T>::type;
+  constexpr int kVec = Vec<T>::kSize;
+  constexpr bool kDense = std::is_same_v<Targets, DenseTargets<T>>;
+  const int64_t num_classes = params.num_classes;
+  const int64_t total = params.rows * num_classes;
+  const T* p = params.y_pred;
+  T* grad = params.out;
+  // The row factor, NaN for a sparse row whose id is outside [0, C).
+  const auto row_scale = [&](int64_t row) {
+    const auto t = params.y_true.Row(row, num_classes);
+    return TargetValid(t, num_classes)
+               ? RowGradientScale(params.grad_loss[row], KeepFromByte<Acc>(params.row_keep[row]),
+                                  num_classes)
+               : Acc(NAN);
+  };
+  const auto row_id = [&](int64_t row) -> int64_t {
+    if constexpr (kDense) {
+      return -1;
+    } else {
+      return static_cast<int64_t>(params.y_true.values[row]);
     }
-  } else {
-    const int threads = static_cast<int>(
-        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, NextPowerOfTwo(lanes_wanted))));
-    const int64_t blocks = std::min(params.rows, kMaxGridBlocks);
-    MaskedMaeKernel<T, Targets, 0, kGradient>
-        <<<dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream>>>(params);
+  };
+  const auto target = [&](int64_t i, int64_t col, int64_t id) {
+    if constexpr (kDense) {
+      return static_cast<Acc>(params.y_true.values[i]);
+    } else {
+      return col == id ? Acc(1) : Acc(0);
+    }
+  };
+
+  const uintptr_t misalign = reinterpret_cast<uintptr_t>(p) & 15u;
+  bool vector_ok = (reinterpret_cast<uintptr_t>(grad) & 15u) == misalign &&
+                   misalign % sizeof(T) == 0;
+  if constexpr (kDense) {
+    vector_ok = vector_ok && (reinterpret_cast<uintptr_t>(params.y_true.values) & 15u) == misalign;
   }
-  return cudaGetLastError();
+  const int64_t peel_wanted = static_cast<int64_t>((16u - misalign) & 15u) / sizeof(T);
+  const int64_t peel = vector_ok ? (peel_wanted < total ? peel_wanted : total) : total;
+  const int64_t chunks = vector_ok ? (total - peel) / kVec : 0;
+  const int64_t vector_end = peel + chunks * kVec;
+  const int64_t scalars = peel + (total - vector_end);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first_thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+
+  for (int64_t c = first_thread; c < chunks; c += stride) {
+    const int64_t first = peel + c * kVec;
+    int64_t row = first / num_classes;
+    int64_t col = first - row * num_classes;
+    Acc scale = row_scale(row);
+    int64_t id = row_id(row);
+    Chunk<T> pc, gc;
+    pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
+    Acc tv[kVec];
+    if constexpr (kDense) {
+      LoadTargetChunk<T>(DenseTargetRow<T>{params.y_true.values}, first, tv);
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (col == num_classes) {  // the chunk crosses into the next row
+        ++row;
+        col = 0;
+        scale = row_scale(row);
+        id = row_id(row);
+      }
+      const Acc t = kDense ? tv[k] : target(first + k, col, id);
+      gc.values[k] = ElementGradient<T>(scale, t, static_cast<Acc>(pc.values[k]));
+      ++col;
+    }
+    *reinterpret_cast<uint4*>(grad + first) = gc.raw;
+  }
+  for (int64_t s = first_thread; s < scalars; s += stride) {
+    const int64_t i = s < peel ? s : vector_end + (s - peel);
+    const int64_t row = i / num_classes;
+    const int64_t col = i - row * num_classes;
+    grad[i] = ElementGradient<T>(row_scale(row), target(i, col, row_id(row)),
+                                 static_cast<Acc>(p[i]));
+  }
 }
 
 }  // namespace
 
-template <typename T>
-cudaError_t LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
-                                   int64_t num_classes, const MaskedTokenSet& tokens, T* loss,
-                                   uint8_t* row_keep, cudaStream_t stream) {
-  return Launch<T, DenseTargets<T>, false>(
-      {{y_true}, y_pred, nullptr, loss, row_keep, rows, num_classes, tokens}, stream);
-}
-
-template <typename T>
-cudaError_t LaunchMaskedMaeGradient(const T* y_true, const T* y_pred, const uint8_t* row_keep,
-                                    const T* grad_loss, int64_t rows, int64_t num_classes,
-                                    T* grad_y_pred, cudaStream_t stream) {
-  return Launch<T, DenseTargets<T>, true>({{y_true}, y_pred, grad_loss, grad_y_pred,
-                                           const_cast<uint8_t*>(row_keep), rows, num_classes,
-                                           MaskedTokenSet{}},
-                                          stream);
-}
-
-template <typename T, typename Id>
-cudaError_t LaunchSparseMaskedMaeForward(const Id* y_true_ids, const T* y_pred, int64_t rows,
-                                         int64_t num_classes, const MaskedTokenSet& tokens,
-                                         T* loss, uint8_t* row_keep, cudaStream_t stream) {
-  return Launch<T, SparseTargets<Id>, false>(
-      {{y_true_ids}, y_pred, nullptr, loss, row_keep, rows, num_classes, tokens}, stream);
-}
-
-template <typename T, typename Id>
-cudaError_t LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
-                                          const uint8_t* row_keep, const T* grad_loss,
-                                          int64_t rows, int64_t num_classes, T* grad_y_pred,
-                                          cudaStream_t stream) {
-  return Launch<T, SparseTargets<Id>, true>({{y_true_ids}, y_pred, grad_loss, grad_y_pred,
-                                             const_cast<uint8_t*>(row_keep), rows, num_classes,
-                                             MaskedTokenSet{}},
-                                            stream);
-}
-
-#define INSTANTIATE_SPARSE(T, Id)                                                              \
-  template cudaError_t LaunchSparseMaskedMaeForward<T, Id>(                                   \
-      const Id*, const T*, int64_t, int64_t, const MaskedTokenSet&, T*, uint8_t*,            \
-      cudaStream_t);                                                                          \
-  template cudaError_t LaunchSparseMaskedMaeGradient<T, Id>(                                  \
-      const Id*, const T*, const uint8_t*, const T*, int64_t, int64_t, T*, cudaStream_t);
-#define INSTANTIATE(T)                                                                       \
-  template cudaError_t LaunchMaskedMaeForward<T>(const T*, const T*, int64_t, int64_t,       \
-                                                 const MaskedTokenSet&, T*, uint8_t*,        \
-                                                 cudaStream_t);                              \
-  template cudaError_t LaunchMaskedMaeGradient<T>(const T*, const T*, const uint8_t*,        \
-                                                  const T*, int64_t, int64_t, T*,            \
-                                                  cudaStream_t);                             \
-  INSTANTIATE_SPARSE(T, int32_t)                                                             \
-  INSTANTIATE_SPARSE(T, int64_t)
-INSTANTIATE(__half)
-INSTANTIATE(__nv_bfloat16)
-INSTANTIATE(float)
-INSTANTIATE(double)
-#undef INSTANTIATE_SPARSE
-#undef INSTANTIATE
+// The extern "C" kernels, named as masked_mae_kernel_abi.h's KernelName spells
+// them: forward per (dtype, targets, lanes per row), gradient per (dtype, targets).
+#define MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, G)                                  \
+  extern "C" __global__ void __launch_bounds__(kMaxRowBlockThreads)                    \
+      fused_masked_mae_fwd_##TNAME##_##TARGETNAME##_g##G(const KernelParams params) { \
+    MaskedMaeRows<T, TARGETS, G>(params);                                              \
+  }
+#define MMAE_TARGET_KERNELS(TNAME, T, TARGETNAME, TARGETS)                               \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 1)                                         \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 2)                                         \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 4)                                         \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 8)                                         \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 16)                                        \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 32)                                        \
+  MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 0)                                         \
+  extern "C" __global__ void __launch_bounds__(kGradientBlockThreads)                   \
+      fused_masked_mae_grad_##TNAME##_##TARGETNAME(const KernelParams params) {         \
+    GradientStream<T, TARGETS>(params);                                                  \
+  }
+#define MMAE_DTYPE_KERNELS(TNAME, T)                                  \
+  MMAE_TARGET_KERNELS(TNAME, T, dense, DenseTargets<T>)               \
+  MMAE_TARGET_KERNELS(TNAME, T, i32, SparseTargets<int32_t>)          \
+  MMAE_TARGET_KERNELS(TNAME, T, i64, SparseTargets<int64_t>)
+MMAE_DTYPE_KERNELS(f16, __half)
+MMAE_DTYPE_KERNELS(bf16, __nv_bfloat16)
+MMAE_DTYPE_KERNELS(f32, float)
+MMAE_DTYPE_KERNELS(f64, double)
+#undef MMAE_DTYPE_KERNELS
+#undef MMAE_TARGET_KERNELS
+#undef MMAE_FORWARD
 
 }  // namespace fused_masked_mae

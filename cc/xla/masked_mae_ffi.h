@@ -142,8 +142,11 @@ std::string RegistrationReport();
 
 // Defines the four handler symbols of a platform from the Forward<kSparse> and
 // Grad<kSparse> functions in scope, bound with CONTEXT (the platform's thread
-// pool or stream), and registers them for PLATFORM when the library loads.
-#define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS(PLATFORM, SUFFIX, CONTEXT)                    \
+// pool or stream), and registers them for PLATFORM when the library loads
+// (the _IF form: only when CONDITION, evaluated then, holds).
+#define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS(PLATFORM, SUFFIX, CONTEXT) \
+  FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF(PLATFORM, SUFFIX, CONTEXT, true)
+#define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF(PLATFORM, SUFFIX, CONTEXT, CONDITION)      \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeForward##SUFFIX, Forward<false>,             \
                                 BindForward<CONTEXT>());                                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseForward##SUFFIX, Forward<true>,        \
@@ -152,6 +155,7 @@ std::string RegistrationReport();
   XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGrad##SUFFIX, Grad<true>,              \
                                 BindGrad<CONTEXT>());                                      \
   static const bool kRegistered##SUFFIX = [] {                                             \
+    if (!(CONDITION)) return false;                                                        \
     RegisterHandlers(PLATFORM, FusedMaskedMaeForward##SUFFIX,                              \
                      FusedMaskedMaeSparseForward##SUFFIX, FusedMaskedMaeGrad##SUFFIX,      \
                      FusedMaskedMaeSparseGrad##SUFFIX);                                    \

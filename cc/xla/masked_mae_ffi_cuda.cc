@@ -6,16 +6,18 @@
 #if GOOGLE_CUDA
 #include <string>
 
+#include "cc/kernels/cuda_driver.h"
+#include "cc/kernels/host_float16.h"
 #include "cc/kernels/masked_mae_cuda.h"
 #include "cc/xla/masked_mae_ffi.h"
 
 namespace fused_masked_mae::xla_ffi {
 namespace {
 
-ffi::Error LaunchError(cudaError_t status, const char* what) {
-  if (status == cudaSuccess) return ffi::Error::Success();
+ffi::Error LaunchError(CUresult status, const char* what) {
+  if (status == CUDA_SUCCESS) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("launching the ") + what +
-                              " CUDA kernel failed: " + cudaGetErrorString(status));
+                              " CUDA kernel failed: " + cuda::ErrorMessage(status));
 }
 
 template <bool kSparse>
@@ -27,7 +29,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_
   const auto [rows, num_classes] = call.value().geometry;
   const MaskedTokenSet& tokens = call.value().tokens;
   if (rows == 0) return ffi::Error::Success();
-  return DispatchFloat<__half, __nv_bfloat16>(y_pred.element_type(), [&](auto zero) {
+  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
     using T = decltype(zero);
     return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) {
       const T* p = static_cast<const T*>(y_pred.untyped_data());
@@ -55,7 +57,7 @@ ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pre
   if (geometry.has_error()) return geometry.error();
   const auto [rows, num_classes] = geometry.value();
   if (rows == 0) return ffi::Error::Success();
-  return DispatchFloat<__half, __nv_bfloat16>(y_pred.element_type(), [&](auto zero) {
+  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
     using T = decltype(zero);
     return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) {
       const T* p = static_cast<const T*>(y_pred.untyped_data());
@@ -75,10 +77,19 @@ ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pre
   });
 }
 
+// Like the TF GPU kernels (masked_mae_kernels.cc): no handlers for the GPU when
+// the driver is there but unusable (below r525), so that GPUs stay on the
+// composite under XLA; the op library has already logged why. No driver at
+// all: registered (XLA then has no GPU to run them on).
+bool DriverAllowsCudaHandlers() {
+  const cuda::DriverStatus& driver = cuda::Driver();
+  return driver.state == cuda::DriverState::kOk || driver.version <= 0;
+}
+
 }  // namespace
 
 using CudaContext = ffi::PlatformStream<cudaStream_t>;
-FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS("CUDA", Cuda, CudaContext);
+FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF("CUDA", Cuda, CudaContext, DriverAllowsCudaHandlers());
 
 }  // namespace fused_masked_mae::xla_ffi
 

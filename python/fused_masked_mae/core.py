@@ -6,7 +6,7 @@
 
 NumPy arrays run on the CPU (the TensorFlow CPU kernel's row code). PyTorch CUDA
 tensors and CuPy arrays (anything with `__cuda_array_interface__`) run the CUDA
-kernels on the array's current stream, when `_core` was built with nvcc.
+kernels on the arrays' device and current stream, when `_core` was built with them.
 Results come back as the input's array type; `out=` writes into a given one.
 The gradient is d loss / d y_pred; d loss / d y_true is its negative.
 """
@@ -89,7 +89,7 @@ def _is_device_array(array):
 
 def _require_cuda():
     if not _core.WITH_CUDA:
-        raise RuntimeError("fused_masked_mae._core was built without CUDA (no nvcc at build time)")
+        raise RuntimeError("fused_masked_mae._core was built without CUDA (no CUDA toolchain at build time, see build.sh)")
 
 
 def _device_inputs(y_true, y_pred, sparse):
