@@ -191,6 +191,23 @@ class ScopedContext {
   bool pushed_ = false;
 };
 
+// Runs body(api, ctx) with the context of `stream` current (the stream's own
+// context, or the current one for a default stream).
+template <typename Body>
+CUresult InStreamContext(CUstream stream, Body&& body) {
+  const Api* api = nullptr;
+  CUresult r = UsableDriver(&api);
+  if (r != CUDA_SUCCESS) return r;
+  CUcontext ctx;
+  r = ContextOf(*api, stream, &ctx);
+  if (r != CUDA_SUCCESS) return r;
+  const ScopedContext scope(*api, ctx);
+  if (scope.status() != CUDA_SUCCESS) {
+    return Fail(scope.status(), "making the stream's context current failed");
+  }
+  return body(*api, ctx);
+}
+
 struct Module {
   unsigned long long ctx_id;  // cuCtxGetId: unique for the process, unlike a
                               // context's address, which a new context may reuse
@@ -308,24 +325,16 @@ CUresult LaunchKernel(int kernel_index, uint32_t grid, uint32_t block, const Ker
   if (kernel_index < 0 || kernel_index >= kNumKernels) {
     return Fail(CUDA_ERROR_INVALID_VALUE, "bad kernel index " + std::to_string(kernel_index));
   }
-  const Api* api = nullptr;
-  CUresult r = UsableDriver(&api);
-  if (r != CUDA_SUCCESS) return r;
-  CUcontext ctx;
-  r = ContextOf(*api, stream, &ctx);
-  if (r != CUDA_SUCCESS) return r;
-  const ScopedContext scope(*api, ctx);
-  if (scope.status() != CUDA_SUCCESS) {
-    return Fail(scope.status(), "making the stream's context current failed");
-  }
-  const Module* module = nullptr;
-  r = ModuleFor(*api, ctx, &module);
-  if (r != CUDA_SUCCESS) return r;
-  void* args[] = {const_cast<KernelParams*>(&params)};
-  r = api->LaunchKernel(module->functions[kernel_index], grid, 1, 1, block, 1, 1, 0, stream, args,
-                        nullptr);
-  if (r != CUDA_SUCCESS) return Fail(r, "cuLaunchKernel of " + KernelName(kernel_index));
-  return CUDA_SUCCESS;
+  return InStreamContext(stream, [&](const Api& api, CUcontext ctx) {
+    const Module* module = nullptr;
+    CUresult r = ModuleFor(api, ctx, &module);
+    if (r != CUDA_SUCCESS) return r;
+    void* args[] = {const_cast<KernelParams*>(&params)};
+    r = api.LaunchKernel(module->functions[kernel_index], grid, 1, 1, block, 1, 1, 0, stream,
+                         args, nullptr);
+    if (r != CUDA_SUCCESS) return Fail(r, "cuLaunchKernel of " + KernelName(kernel_index));
+    return CUDA_SUCCESS;
+  });
 }
 
 std::string ErrorMessage(CUresult result) {
@@ -375,18 +384,12 @@ CUresult PointerDevice(uintptr_t ptr, int* device) {
 }
 
 CUresult StreamDevice(CUstream stream, int* device) {
-  const Api* api = nullptr;
-  CUresult r = UsableDriver(&api);
-  if (r != CUDA_SUCCESS) return r;
-  CUcontext ctx;
-  r = ContextOf(*api, stream, &ctx);
-  if (r != CUDA_SUCCESS) return r;
-  const ScopedContext scope(*api, ctx);
-  if (scope.status() != CUDA_SUCCESS) return scope.status();
-  CUdevice dev;
-  r = api->CtxGetDevice(&dev);
-  *device = static_cast<int>(dev);  // CUdevice is the ordinal
-  return r;
+  return InStreamContext(stream, [&](const Api& api, CUcontext) {
+    CUdevice dev;
+    const CUresult r = api.CtxGetDevice(&dev);
+    *device = static_cast<int>(dev);  // CUdevice is the ordinal
+    return r;
+  });
 }
 
 }  // namespace cuda
