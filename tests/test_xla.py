@@ -203,6 +203,37 @@ def test_nan_inf_and_tie_rows_follow_the_op_not_xla(dtype):
     assert float(tf.cast(grad[0, 0, 0], tf.float32)) != 0  # row charged: argmaxes 1 != 2
 
 
+GPU_SKIP_REASON = (
+    "the CUDA XLA handlers need TensorFlow to see an NVIDIA GPU and the handlers to be "
+    "registered (a CUDA build on an r525+ driver); here: GPUs "
+    f"{[d.name for d in tf.config.list_physical_devices('GPU')]}, XLA platforms "
+    f"{fm_xla.REGISTERED_PLATFORMS}")
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU")
+                    or "CUDA" not in fm_xla.REGISTERED_PLATFORMS, reason=GPU_SKIP_REASON)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_cuda_handlers_equal_the_gpu_op_bit_for_bit(dtype, sparse):
+    """On a GPU, the CUDA handlers run on XLA's stream the same launchers as
+    the op's GPU kernels: the same bits, values and gradients, and the HLO
+    holds the custom calls. Row sizes cover the lane-group and whole-block
+    paths of the kernels."""
+    for classes in (9, 1549):
+        with tf.device("/GPU:0"):
+            t, p = seq2seq_batch((5, 7, classes), dtype, 0, 8)
+            if sparse:
+                t = tf.argmax(t, -1, output_type=tf.int32)
+                loss_fn = lambda a, b: fm.sparse_masked_mae(a, b, 0, 8, tokens=[5])  # noqa: E731
+            else:
+                loss_fn = lambda a, b: fm.masked_mae(a, b, 0, 8, [5])  # noqa: E731
+            weights = np.random.default_rng(3).normal(size=(5, 7))
+            assert_jit_equals_eager(loss_fn, t, p, weights)
+            hlo = tf.function(loss_and_grads(loss_fn, weights), jit_compile=True
+                              ).experimental_get_compiler_ir(t, p)(stage="hlo")
+        assert "fused_masked_mae_" in hlo and "custom-call" in hlo
+
+
 def test_zero_size_batch_under_xla():
     t = tf.zeros((0, 4, 9))
     loss, grad_t, grad_p = assert_jit_equals_eager(lambda a, b: fm.masked_mae(a, b, 0, 8), t, t,
