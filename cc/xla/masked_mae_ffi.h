@@ -14,7 +14,9 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
+#include "cc/kernels/host_float16.h"
 #include "cc/kernels/masked_mae_row.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -126,6 +128,70 @@ ffi::Error DispatchTargets(const ffi::AnyBuffer& y_true, Fn&& fn) {
     }
     return fn(static_cast<const int64_t*>(y_true.untyped_data()));
   }
+}
+
+// A validated forward call, with y_pred's dtype resolved: T is its element
+// type (HostHalf/HostBFloat16 for the 16-bit ones, which have the CUDA types'
+// bit layout) and Targets is T (dense) or the ids' int32/int64.
+template <typename T, typename Targets>
+struct TypedForward {
+  const Targets* targets;
+  const T* y_pred;
+  RowGeometry geometry;
+  const MaskedTokenSet& tokens;
+  T* loss;
+  uint8_t* row_keep;
+};
+
+// Validates a forward call, then returns launch(TypedForward<T, Targets>).
+template <bool kSparse, typename Launch>
+ffi::Error DispatchForward(ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
+                           ffi::Span<const int64_t> masked_tokens,
+                           ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> row_keep,
+                           Launch&& launch) {
+  const auto call = ValidateForward(y_true, y_pred, masked_tokens, *loss, *row_keep, kSparse);
+  if (call.has_error()) return call.error();
+  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
+      using Targets = std::remove_cv_t<std::remove_pointer_t<decltype(targets)>>;
+      return launch(TypedForward<T, Targets>{
+          targets, static_cast<const T*>(y_pred.untyped_data()), call.value().geometry,
+          call.value().tokens, static_cast<T*>(loss->untyped_data()),
+          static_cast<uint8_t*>(row_keep->untyped_data())});
+    });
+  });
+}
+
+// A validated gradient call, with y_pred's dtype resolved (as TypedForward).
+template <typename T, typename Targets>
+struct TypedGrad {
+  const Targets* targets;
+  const T* y_pred;
+  const uint8_t* row_keep;
+  const T* grad_loss;
+  RowGeometry geometry;
+  T* grad_y_pred;
+};
+
+// Validates a gradient call, then returns launch(TypedGrad<T, Targets>).
+template <bool kSparse, typename Launch>
+ffi::Error DispatchGrad(ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred, ffi::AnyBuffer row_keep,
+                        ffi::AnyBuffer grad_loss, ffi::Result<ffi::AnyBuffer> grad_y_pred,
+                        Launch&& launch) {
+  const auto geometry = ValidateGrad(y_true, y_pred, row_keep, grad_loss, *grad_y_pred, kSparse);
+  if (geometry.has_error()) return geometry.error();
+  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
+      using Targets = std::remove_cv_t<std::remove_pointer_t<decltype(targets)>>;
+      return launch(TypedGrad<T, Targets>{
+          targets, static_cast<const T*>(y_pred.untyped_data()),
+          static_cast<const uint8_t*>(row_keep.untyped_data()),
+          static_cast<const T*>(grad_loss.untyped_data()), geometry.value(),
+          static_cast<T*>(grad_y_pred->untyped_data())});
+    });
+  });
 }
 
 // Registers the four handlers of `platform` and records each outcome for

@@ -80,21 +80,14 @@ template <bool kSparse>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                    ffi::Span<const int64_t> masked_tokens, ffi::Result<ffi::AnyBuffer> loss,
                    ffi::Result<ffi::AnyBuffer> row_keep) {
-  const auto call = ValidateForward(y_true, y_pred, masked_tokens, *loss, *row_keep, kSparse);
-  if (call.has_error()) return call.error();
-  const auto [rows, num_classes] = call.value().geometry;
-  const MaskedTokenSet& tokens = call.value().tokens;
-  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
-    using T = decltype(zero);
-    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
-      if constexpr (kSparse) {
-        if (auto e = ValidateIds(targets, rows, num_classes); e.failure()) return e;
-      }
-      CpuMaskedMaeForward(targets, static_cast<const T*>(y_pred.untyped_data()), rows,
-                          num_classes, tokens, static_cast<T*>(loss->untyped_data()),
-                          static_cast<uint8_t*>(row_keep->untyped_data()), PoolFor(&pool));
-      return ffi::Error::Success();
-    });
+  return DispatchForward<kSparse>(y_true, y_pred, masked_tokens, loss, row_keep, [&](auto call) {
+    const auto [rows, num_classes] = call.geometry;
+    if constexpr (kSparse) {
+      if (auto e = ValidateIds(call.targets, rows, num_classes); e.failure()) return e;
+    }
+    CpuMaskedMaeForward(call.targets, call.y_pred, rows, num_classes, call.tokens, call.loss,
+                        call.row_keep, PoolFor(&pool));
+    return ffi::Error::Success();
   });
 }
 
@@ -102,22 +95,14 @@ template <bool kSparse>
 ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                 ffi::AnyBuffer row_keep, ffi::AnyBuffer grad_loss,
                 ffi::Result<ffi::AnyBuffer> grad_y_pred) {
-  const auto geometry =
-      ValidateGrad(y_true, y_pred, row_keep, grad_loss, *grad_y_pred, kSparse);
-  if (geometry.has_error()) return geometry.error();
-  const auto [rows, num_classes] = geometry.value();
-  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
-    using T = decltype(zero);
-    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) -> ffi::Error {
-      if constexpr (kSparse) {
-        if (auto e = ValidateIds(targets, rows, num_classes); e.failure()) return e;
-      }
-      CpuMaskedMaeGradient(targets, static_cast<const T*>(y_pred.untyped_data()),
-                           static_cast<const uint8_t*>(row_keep.untyped_data()),
-                           static_cast<const T*>(grad_loss.untyped_data()), rows, num_classes,
-                           static_cast<T*>(grad_y_pred->untyped_data()), PoolFor(&pool));
-      return ffi::Error::Success();
-    });
+  return DispatchGrad<kSparse>(y_true, y_pred, row_keep, grad_loss, grad_y_pred, [&](auto call) {
+    const auto [rows, num_classes] = call.geometry;
+    if constexpr (kSparse) {
+      if (auto e = ValidateIds(call.targets, rows, num_classes); e.failure()) return e;
+    }
+    CpuMaskedMaeGradient(call.targets, call.y_pred, call.row_keep, call.grad_loss, rows,
+                         num_classes, call.grad_y_pred, PoolFor(&pool));
+    return ffi::Error::Success();
   });
 }
 

@@ -24,27 +24,19 @@ template <bool kSparse>
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                    ffi::Span<const int64_t> masked_tokens, ffi::Result<ffi::AnyBuffer> loss,
                    ffi::Result<ffi::AnyBuffer> row_keep) {
-  const auto call = ValidateForward(y_true, y_pred, masked_tokens, *loss, *row_keep, kSparse);
-  if (call.has_error()) return call.error();
-  const auto [rows, num_classes] = call.value().geometry;
-  const MaskedTokenSet& tokens = call.value().tokens;
-  if (rows == 0) return ffi::Error::Success();
-  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
-    using T = decltype(zero);
-    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) {
-      const T* p = static_cast<const T*>(y_pred.untyped_data());
-      T* out = static_cast<T*>(loss->untyped_data());
-      uint8_t* keep = static_cast<uint8_t*>(row_keep->untyped_data());
-      if constexpr (kSparse) {
-        return LaunchError(LaunchSparseMaskedMaeForward(targets, p, rows, num_classes,
-                                                        tokens, out, keep, stream),
-                           "sparse masked MAE forward");
-      } else {
-        return LaunchError(LaunchMaskedMaeForward(targets, p, rows, num_classes, tokens,
-                                                  out, keep, stream),
-                           "masked MAE forward");
-      }
-    });
+  return DispatchForward<kSparse>(y_true, y_pred, masked_tokens, loss, row_keep, [&](auto call) {
+    const auto [rows, num_classes] = call.geometry;
+    if (rows == 0) return ffi::Error::Success();
+    if constexpr (kSparse) {
+      return LaunchError(LaunchSparseMaskedMaeForward(call.targets, call.y_pred, rows, num_classes,
+                                                      call.tokens, call.loss, call.row_keep,
+                                                      stream),
+                         "sparse masked MAE forward");
+    } else {
+      return LaunchError(LaunchMaskedMaeForward(call.targets, call.y_pred, rows, num_classes,
+                                                call.tokens, call.loss, call.row_keep, stream),
+                         "masked MAE forward");
+    }
   });
 }
 
@@ -52,28 +44,20 @@ template <bool kSparse>
 ffi::Error Grad(cudaStream_t stream, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred,
                 ffi::AnyBuffer row_keep, ffi::AnyBuffer grad_loss,
                 ffi::Result<ffi::AnyBuffer> grad_y_pred) {
-  const auto geometry =
-      ValidateGrad(y_true, y_pred, row_keep, grad_loss, *grad_y_pred, kSparse);
-  if (geometry.has_error()) return geometry.error();
-  const auto [rows, num_classes] = geometry.value();
-  if (rows == 0) return ffi::Error::Success();
-  return DispatchFloat<HostHalf, HostBFloat16>(y_pred.element_type(), [&](auto zero) {
-    using T = decltype(zero);
-    return DispatchTargets<T, kSparse>(y_true, [&](const auto* targets) {
-      const T* p = static_cast<const T*>(y_pred.untyped_data());
-      const uint8_t* keep = static_cast<const uint8_t*>(row_keep.untyped_data());
-      const T* g = static_cast<const T*>(grad_loss.untyped_data());
-      T* out = static_cast<T*>(grad_y_pred->untyped_data());
-      if constexpr (kSparse) {
-        return LaunchError(LaunchSparseMaskedMaeGradient(targets, p, keep, g, rows, num_classes,
-                                                         out, stream),
-                           "sparse masked MAE gradient");
-      } else {
-        return LaunchError(
-            LaunchMaskedMaeGradient(targets, p, keep, g, rows, num_classes, out, stream),
-            "masked MAE gradient");
-      }
-    });
+  return DispatchGrad<kSparse>(y_true, y_pred, row_keep, grad_loss, grad_y_pred, [&](auto call) {
+    const auto [rows, num_classes] = call.geometry;
+    if (rows == 0) return ffi::Error::Success();
+    if constexpr (kSparse) {
+      return LaunchError(LaunchSparseMaskedMaeGradient(call.targets, call.y_pred, call.row_keep,
+                                                       call.grad_loss, rows, num_classes,
+                                                       call.grad_y_pred, stream),
+                         "sparse masked MAE gradient");
+    } else {
+      return LaunchError(LaunchMaskedMaeGradient(call.targets, call.y_pred, call.row_keep,
+                                                 call.grad_loss, rows, num_classes,
+                                                 call.grad_y_pred, stream),
+                         "masked MAE gradient");
+    }
   });
 }
 
