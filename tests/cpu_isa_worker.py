@@ -117,24 +117,20 @@ def run_tf(out):
 
     import fused_masked_mae as fm
     from fused_masked_mae import _loader
-    from fused_masked_mae._loader import ops_library
+    from raw_ops import (raw_forward_with_keep, raw_grad, raw_sparse_forward_with_keep,
+                         raw_sparse_grad)
 
     for name, y_true, ids, y_pred, grad_loss, tokens in cases():
         t, p = tf.constant(y_true), tf.constant(y_pred)
         g = tf.constant(grad_loss)
-        loss, keep = ops_library.import_fused_masked_mae_masked_mae(
-            y_true=t, y_pred=p, masked_tokens=tokens)
-        grad = ops_library.import_fused_masked_mae_masked_mae_grad(
-            y_true=t, y_pred=p, row_keep=keep, grad_loss=g)
-        out[name + "_tf_loss"], out[name + "_tf_keep"] = loss.numpy(), keep.numpy()
-        out[name + "_tf_grad"] = grad.numpy()
-        i = tf.constant(ids.astype(np.int64))
-        loss, keep = ops_library.import_fused_masked_mae_sparse_masked_mae(
-            y_true_ids=i, y_pred=p, masked_tokens=tokens)
-        grad = ops_library.import_fused_masked_mae_sparse_masked_mae_grad(
-            y_true_ids=i, y_pred=p, row_keep=keep, grad_loss=g)
-        out[name + "_tfsparse_loss"], out[name + "_tfsparse_keep"] = loss.numpy(), keep.numpy()
-        out[name + "_tfsparse_grad"] = grad.numpy()
+        for kind, targets, forward, gradient in (
+                ("tf", t, raw_forward_with_keep, raw_grad),
+                ("tfsparse", tf.constant(ids.astype(np.int64)), raw_sparse_forward_with_keep,
+                 raw_sparse_grad)):
+            loss, keep = forward(targets, p, tokens)
+            grad = gradient(targets, p, g, row_keep=keep)
+            out[f"{name}_{kind}_loss"], out[f"{name}_{kind}_keep"] = loss.numpy(), keep.numpy()
+            out[f"{name}_{kind}_grad"] = grad.numpy()
         with tf.GradientTape() as tape:  # the registered gradient, both inputs
             tape.watch([t, p])
             loss = fm.masked_mae_tokens(t, p, tokens)
