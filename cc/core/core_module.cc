@@ -136,14 +136,13 @@ RowView CheckTargets(const py::array& y_true, const py::array& y_pred, bool spar
     throw py::type_error("y_true_ids must be int32 or int64, got " + id_dtype);
   }
   CheckCpuArray(y_true, "y_true_ids", y_true.dtype());
-  for (int64_t i = 0; i < view.rows; ++i) {
-    const int64_t id = id_dtype == "int32" ? static_cast<const int32_t*>(y_true.data())[i]
-                                           : static_cast<const int64_t*>(y_true.data())[i];
-    if (id < 0 || id >= view.num_classes) {
-      Fail("y_true_ids[" + std::to_string(i) + "] (flat index) = " + std::to_string(id) +
-           " is outside [0, " + std::to_string(view.num_classes) + ")");
-    }
-  }
+  const std::string invalid =
+      id_dtype == "int32"
+          ? InvalidClassIdMessage(static_cast<const int32_t*>(y_true.data()), view.rows,
+                                  view.num_classes)
+          : InvalidClassIdMessage(static_cast<const int64_t*>(y_true.data()), view.rows,
+                                  view.num_classes);
+  if (!invalid.empty()) Fail(invalid);
   return view;
 }
 

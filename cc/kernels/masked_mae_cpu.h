@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "cc/kernels/masked_mae_row.h"
 
@@ -63,6 +64,21 @@ template <typename T, typename TargetT>
 void CpuMaskedMaeGradient(const TargetT* y_true, const T* y_pred, const uint8_t* row_keep,
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           T* grad_y_pred, const ParallelFor& parallel_for);
+
+// Sparse ids are host memory on the CPU, so every CPU front door rejects an id
+// outside [0, num_classes) before launching (the GPU kernels give NaN instead).
+// Returns the message naming the first such id, or "" when all are valid.
+template <typename Id>
+std::string InvalidClassIdMessage(const Id* ids, int64_t count, int64_t num_classes) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (ids[i] < 0 || ids[i] >= num_classes) {
+      return "y_true_ids[" + std::to_string(i) + "] (flat index) = " + std::to_string(ids[i]) +
+             " is outside [0, " + std::to_string(num_classes) + ") for y_pred with " +
+             std::to_string(num_classes) + " classes";
+    }
+  }
+  return "";
+}
 
 }  // namespace fused_masked_mae
 

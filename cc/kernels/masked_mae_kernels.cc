@@ -10,6 +10,7 @@
 
 #include "cc/kernels/masked_mae_kernels.h"
 
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -220,13 +221,8 @@ bool ValidateInputs(OpKernelContext* ctx, const Tensor& y_true, const Tensor& y_
   *rows = loss_shape->num_elements();
   if constexpr (kSparse && std::is_same_v<Device, CPUDevice>) {
     const auto ids = y_true.flat<TargetT>();
-    for (int64_t i = 0; i < ids.size(); ++i) {
-      OP_REQUIRES_VALUE_OR_FALSE(
-          ctx, ids(i) >= 0 && ids(i) < *num_classes,
-          absl::InvalidArgumentError(absl::StrCat(
-              "y_true_ids[", i, "] (flat index) = ", ids(i), " is outside [0, ", *num_classes,
-              ") for y_pred with ", *num_classes, " classes")));
-    }
+    const std::string invalid = InvalidClassIdMessage(ids.data(), ids.size(), *num_classes);
+    OP_REQUIRES_VALUE_OR_FALSE(ctx, invalid.empty(), absl::InvalidArgumentError(invalid));
   }
   return true;
 }

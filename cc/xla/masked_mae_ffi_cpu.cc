@@ -65,15 +65,8 @@ ParallelFor PoolFor(ffi::ThreadPool* pool) {
 // the TensorFlow CPU kernel.
 template <typename Id>
 ffi::Error ValidateIds(const Id* ids, int64_t rows, int64_t num_classes) {
-  for (int64_t i = 0; i < rows; ++i) {
-    if (ids[i] < 0 || ids[i] >= num_classes) {
-      return ffi::Error::InvalidArgument(
-          "y_true_ids[" + std::to_string(i) + "] (flat index) = " + std::to_string(ids[i]) +
-          " is outside [0, " + std::to_string(num_classes) + ") for y_pred with " +
-          std::to_string(num_classes) + " classes");
-    }
-  }
-  return ffi::Error::Success();
+  const std::string invalid = InvalidClassIdMessage(ids, rows, num_classes);
+  return invalid.empty() ? ffi::Error::Success() : ffi::Error::InvalidArgument(invalid);
 }
 
 template <bool kSparse>
