@@ -45,20 +45,9 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 }
 
 MaskedTokenSet MakeTokenSet(const std::vector<int64_t>& ids, int64_t num_classes) {
-  if (ids.size() > static_cast<size_t>(kMaxMaskedTokens)) {
-    Fail("at most " + std::to_string(kMaxMaskedTokens) + " masked tokens are supported, got " +
-         std::to_string(ids.size()));
-  }
-  MaskedTokenSet tokens{};
-  tokens.count = static_cast<int>(ids.size());
-  for (size_t k = 0; k < ids.size(); ++k) {
-    if (ids[k] < 0 || ids[k] >= num_classes) {
-      Fail("masked token id " + std::to_string(ids[k]) + " is outside [0, " +
-           std::to_string(num_classes) + ") for inputs with " + std::to_string(num_classes) +
-           " classes");
-    }
-    tokens.ids[k] = ids[k];
-  }
+  MaskedTokenSet tokens;
+  const std::string invalid = MakeMaskedTokenSet(ids.data(), ids.size(), num_classes, &tokens);
+  if (!invalid.empty()) Fail(invalid);
   return tokens;
 }
 

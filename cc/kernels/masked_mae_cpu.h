@@ -65,6 +65,29 @@ void CpuMaskedMaeGradient(const TargetT* y_true, const T* y_pred, const uint8_t*
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           T* grad_y_pred, const ParallelFor& parallel_for);
 
+// Builds the token set of a call whose inputs have num_classes classes: at
+// most kMaxMaskedTokens ids, each in [0, num_classes). Returns "" or the
+// message naming what is wrong (used by the front doors that see the ids and
+// C together: _core and the XLA handlers).
+inline std::string MakeMaskedTokenSet(const int64_t* ids, size_t count, int64_t num_classes,
+                                      MaskedTokenSet* tokens) {
+  if (count > static_cast<size_t>(kMaxMaskedTokens)) {
+    return "at most " + std::to_string(kMaxMaskedTokens) + " masked tokens are supported, got " +
+           std::to_string(count);
+  }
+  *tokens = MaskedTokenSet{};
+  tokens->count = static_cast<int>(count);
+  for (size_t k = 0; k < count; ++k) {
+    if (ids[k] < 0 || ids[k] >= num_classes) {
+      return "masked token id " + std::to_string(ids[k]) + " is outside [0, " +
+             std::to_string(num_classes) + ") for inputs with " + std::to_string(num_classes) +
+             " classes";
+    }
+    tokens->ids[k] = ids[k];
+  }
+  return "";
+}
+
 // Sparse ids are host memory on the CPU, so every CPU front door rejects an id
 // outside [0, num_classes) before launching (the GPU kernels give NaN instead).
 // Returns the message naming the first such id, or "" when all are valid.

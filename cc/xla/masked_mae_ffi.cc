@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "cc/kernels/masked_mae_cpu.h"
+
 namespace fused_masked_mae::xla_ffi {
 namespace {
 
@@ -78,22 +80,9 @@ ffi::ErrorOr<RowGeometry> ValidateInputs(const ffi::AnyBuffer& y_true,
 }
 
 ffi::ErrorOr<MaskedTokenSet> ValidateTokens(ffi::Span<const int64_t> ids, int64_t num_classes) {
-  if (ids.size() > static_cast<size_t>(kMaxMaskedTokens)) {
-    return Invalid("at most " + std::to_string(kMaxMaskedTokens) +
-                                       " masked tokens are supported, got " +
-                                       std::to_string(ids.size()));
-  }
-  MaskedTokenSet tokens{};
-  tokens.count = static_cast<int>(ids.size());
-  for (size_t k = 0; k < ids.size(); ++k) {
-    if (ids[k] < 0 || ids[k] >= num_classes) {
-      return Invalid(
-          "masked token id " + std::to_string(ids[k]) + " is outside [0, " +
-          std::to_string(num_classes) + ") for inputs with " + std::to_string(num_classes) +
-          " classes");
-    }
-    tokens.ids[k] = ids[k];
-  }
+  MaskedTokenSet tokens;
+  const std::string invalid = MakeMaskedTokenSet(ids.begin(), ids.size(), num_classes, &tokens);
+  if (!invalid.empty()) return Invalid(invalid);
   return tokens;
 }
 
