@@ -115,8 +115,8 @@ def use_custom_call(num_classes):
     if tf.config.list_logical_devices("TPU"):
         return _fall_back("TPUs are present and the fused kernels have no TPU handler")
     if tf.config.list_logical_devices("GPU") and "CUDA" not in REGISTERED_PLATFORMS:
-        return _fall_back("GPUs are present but this build has no CUDA handlers "
-                          "(built without CUDA, or their registration failed)")
+        return _fall_back("GPUs are present but no CUDA handlers are registered (a build "
+                          "without CUDA, an NVIDIA driver below r525, or a failed registration)")
     return True
 
 
