@@ -36,20 +36,20 @@ PKG_DIR="$ROOT/python/fused_masked_mae"
 JOBS="${JOBS:-$(nproc)}"
 
 # What goes into each library (tests/test_bazel_build.py keeps BUILD in step).
-OP_LIBRARY_SOURCES=(cc/ops/masked_mae_ops.cc cc/kernels/masked_mae_kernels.cc)
+OP_LIBRARY_SOURCES=(cc/tf/masked_mae_ops.cc cc/tf/masked_mae_kernels.cc)
 # The CPU launchers (no TensorFlow headers), linked into both libraries: the
 # dispatcher, then one translation unit per instruction-set variant of the row
 # loops (each sets its own target by pragma; the x86 ones are empty elsewhere).
-CPU_SOURCES=(cc/kernels/masked_mae_cpu.cc cc/kernels/masked_mae_cpu_baseline.cc
-  cc/kernels/masked_mae_cpu_avx2.cc cc/kernels/masked_mae_cpu_avx512.cc)
+CPU_SOURCES=(cc/cpu/masked_mae_cpu.cc cc/cpu/masked_mae_cpu_baseline.cc
+  cc/cpu/masked_mae_cpu_avx2.cc cc/cpu/masked_mae_cpu_avx512.cc)
 # XLA FFI handlers (custom calls under jit_compile), in the op library; the
 # CUDA ones compile to nothing without GOOGLE_CUDA. They need
 # libtensorflow_cc.so.2 (the FFI API).
 XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc)
 # Device code only (tools/build_device_code.sh); the host side of the launchers
 # and the driver loader are plain C++ (empty when built without CUDA).
-CUDA_SOURCE=cc/kernels/masked_mae_kernels.cu.cc
-CUDA_HOST_SOURCES=(cc/kernels/masked_mae_launch.cc cc/kernels/cuda_driver.cc)
+CUDA_SOURCE=cc/cuda/masked_mae_kernels.cu.cc
+CUDA_HOST_SOURCES=(cc/cuda/masked_mae_launch.cc cc/cuda/cuda_driver.cc)
 CORE_SOURCE=cc/core/core_module.cc
 # Machine code for V100 (sm_70) to Hopper (sm_90), plus PTX of sm_90 for newer
 # GPUs: tests/test_cuda_build.py checks the built libraries hold exactly these.

@@ -466,14 +466,14 @@ def test_a_source_added_to_build_sh_only_is_reported():
     sh = BuildSh(build_sh)
     host = [s for s in sh.links["_masked_mae_ops"][0] if not sh.is_device_source(s)]
     first = min(host, key=build_sh.index)  # where the host sources are listed
-    changed = build_sh.replace(first, f"cc/ops/extra_ops.cc {first}", 1)
+    changed = build_sh.replace(first, f"cc/tf/extra_ops.cc {first}", 1)
     problems = source_mismatches(changed, _read("BUILD"))
-    assert any("cc/ops/extra_ops.cc" in p for p in problems), problems
+    assert any("cc/tf/extra_ops.cc" in p for p in problems), problems
 
 
 def test_a_source_or_flag_dropped_from_build_is_reported():
     build = _read("BUILD")
-    without_ops = build.replace('"cc/ops/masked_mae_ops.cc",', "", 1)
+    without_ops = build.replace('"cc/tf/masked_mae_ops.cc",', "", 1)
     assert without_ops != build
     assert source_mismatches(_read("build.sh"), without_ops)
     without_ndebug = build.replace('"-DNDEBUG",', "", 1)

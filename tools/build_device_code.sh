@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compiles the CUDA kernels (device code only) and embeds them in one host
-# object file, for cc/kernels/cuda_driver.cc to load with the driver API.
+# object file, for cc/cuda/cuda_driver.cc to load with the driver API.
 #
 #   tools/build_device_code.sh OUT.o SOURCE.cu.cc [INCLUDE_DIR]
 #

@@ -95,14 +95,14 @@ else
   EXT="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
   objs=("$BUILD/device_code.o")
   if DEVICE_COMPILER=nvcc NVCC="$NVCC" CUDA_ARCHS="$ARCH" CUDA_PTX_ARCH="" \
-    tools/build_device_code.sh "$BUILD/device_code.o" cc/kernels/masked_mae_kernels.cu.cc \
+    tools/build_device_code.sh "$BUILD/device_code.o" cc/cuda/masked_mae_kernels.cu.cc \
     >"$BUILD/core.log" 2>&1; then
     ok=1
     # Host side as build.sh: the CUDA launchers, the driver loader, the core and
     # the CPU launchers (dispatcher + instruction-set variants, no FMA contraction).
-    for src in cc/kernels/masked_mae_launch.cc cc/kernels/cuda_driver.cc cc/core/core_module.cc \
-      cc/kernels/masked_mae_cpu.cc cc/kernels/masked_mae_cpu_baseline.cc \
-      cc/kernels/masked_mae_cpu_avx2.cc cc/kernels/masked_mae_cpu_avx512.cc; do
+    for src in cc/cuda/masked_mae_launch.cc cc/cuda/cuda_driver.cc cc/core/core_module.cc \
+      cc/cpu/masked_mae_cpu.cc cc/cpu/masked_mae_cpu_baseline.cc \
+      cc/cpu/masked_mae_cpu_avx2.cc cc/cpu/masked_mae_cpu_avx512.cc; do
       obj="$BUILD/$(basename "${src%.cc}").o"
       g++ -O3 -fPIC -std=c++17 -ffp-contract=off -fvisibility=hidden -DNDEBUG -I"$ROOT" -I"$CUDA_HOME/include" \
         $("$PY" -m pybind11 --includes) -DFUSED_MASKED_MAE_WITH_CUDA=1 -c "$src" -o "$obj" \

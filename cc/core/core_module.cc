@@ -22,13 +22,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_cpu.h"
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/host_float16.h"
+#include "cc/cpu/masked_mae_cpu.h"
+#include "cc/math/masked_mae_row.h"
 
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
-#include "cc/kernels/cuda_driver.h"
-#include "cc/kernels/masked_mae_cuda.h"
+#include "cc/cuda/cuda_driver.h"
+#include "cc/cuda/masked_mae_cuda.h"
 #endif
 
 namespace py = pybind11;

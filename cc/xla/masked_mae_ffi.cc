@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "cc/kernels/masked_mae_cpu.h"
+#include "cc/cpu/masked_mae_cpu.h"
 
 namespace fused_masked_mae::xla_ffi {
 namespace {

@@ -16,8 +16,8 @@
 #include <string>
 #include <type_traits>
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/host_float16.h"
+#include "cc/math/masked_mae_row.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace xla::ffi {

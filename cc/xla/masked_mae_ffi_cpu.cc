@@ -1,5 +1,5 @@
 // XLA FFI handlers for the "Host" platform: bind the custom calls, validate,
-// and call the CPU launchers (cc/kernels/masked_mae_cpu.h) on XLA's intra-op
+// and call the CPU launchers (cc/cpu/masked_mae_cpu.h) on XLA's intra-op
 // thread pool, as the TensorFlow CPU kernels do on theirs.
 #include <algorithm>
 #include <atomic>
@@ -8,8 +8,8 @@
 #include <mutex>
 #include <string>
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_cpu.h"
+#include "cc/math/host_float16.h"
+#include "cc/cpu/masked_mae_cpu.h"
 #include "cc/xla/masked_mae_ffi.h"
 
 namespace fused_masked_mae::xla_ffi {

@@ -1,14 +1,14 @@
 // XLA FFI handlers for the "CUDA" platform: bind the custom calls, validate
-// shapes and attributes, and launch the CUDA kernels (cc/kernels/masked_mae_cuda.h)
+// shapes and attributes, and launch the CUDA kernels (cc/cuda/masked_mae_cuda.h)
 // on the stream XLA hands the call. Sparse ids live in device memory, so an id
 // outside [0, C) gives NaN (as outside XLA) instead of an error.
 // Compiles to nothing in builds without CUDA (GOOGLE_CUDA unset).
 #if GOOGLE_CUDA
 #include <string>
 
-#include "cc/kernels/cuda_driver.h"
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_cuda.h"
+#include "cc/cuda/cuda_driver.h"
+#include "cc/math/host_float16.h"
+#include "cc/cuda/masked_mae_cuda.h"
 #include "cc/xla/masked_mae_ffi.h"
 
 namespace fused_masked_mae::xla_ffi {

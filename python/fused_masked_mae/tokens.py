@@ -7,7 +7,7 @@ use it without import cycles.
 import operator
 
 # The op's capacity for distinct masked ids (kMaxMaskedTokens in
-# cc/kernels/masked_mae_row.h; also fused_masked_mae._core.MAX_MASKED_TOKENS).
+# cc/math/masked_mae_row.h; also fused_masked_mae._core.MAX_MASKED_TOKENS).
 MAX_MASKED_TOKENS = 256
 
 

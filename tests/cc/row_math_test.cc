@@ -1,4 +1,4 @@
-// Standalone test of cc/kernels/masked_mae_row.h and host_float16.h, without
+// Standalone test of cc/math/masked_mae_row.h and host_float16.h, without
 // TensorFlow or Python. Built and run by tests/test_cc_row_math.py (and usable
 // under sanitizers or valgrind as is).
 //
@@ -14,8 +14,8 @@
 #include <random>
 #include <vector>
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/host_float16.h"
+#include "cc/math/masked_mae_row.h"
 
 using namespace fused_masked_mae;
 

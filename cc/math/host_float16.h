@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/masked_mae_row.h"
 
 namespace fused_masked_mae {
 namespace float16_bits {

@@ -3,14 +3,14 @@
 // (masked_mae_cpu_{baseline,avx2,avx512}.cc, the same source compiled for each
 // target) and forward every call to it. No TensorFlow here, so the same object
 // serves every front door.
-#include "cc/kernels/masked_mae_cpu.h"
+#include "cc/cpu/masked_mae_cpu.h"
 
 #include <cstdlib>
 #include <string>
 #include <type_traits>
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_cpu_abi.h"
+#include "cc/math/host_float16.h"
+#include "cc/cpu/masked_mae_cpu_abi.h"
 
 namespace fused_masked_mae {
 namespace {

@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/masked_mae_row.h"
 
 namespace fused_masked_mae {
 

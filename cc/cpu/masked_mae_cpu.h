@@ -21,7 +21,7 @@
 #include <functional>
 #include <string>
 
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/masked_mae_row.h"
 
 namespace fused_masked_mae {
 

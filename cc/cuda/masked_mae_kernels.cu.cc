@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cc/kernels/masked_mae_kernel_abi.h"
+#include "cc/cuda/masked_mae_kernel_abi.h"
 
 namespace fused_masked_mae {
 

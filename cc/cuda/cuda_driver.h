@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cc/kernels/masked_mae_kernel_abi.h"
+#include "cc/cuda/masked_mae_kernel_abi.h"
 
 namespace fused_masked_mae {
 namespace cuda {

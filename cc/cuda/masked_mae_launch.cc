@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "cc/kernels/cuda_driver.h"
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_cuda.h"
-#include "cc/kernels/masked_mae_kernel_abi.h"
+#include "cc/cuda/cuda_driver.h"
+#include "cc/math/host_float16.h"
+#include "cc/cuda/masked_mae_cuda.h"
+#include "cc/cuda/masked_mae_kernel_abi.h"
 
 namespace fused_masked_mae {
 namespace {

@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/masked_mae_row.h"
 
 // The CUDA runtime's stream type is the driver's CUstream (the same handle);
 // declared here the way driver_types.h declares it, so that code using the

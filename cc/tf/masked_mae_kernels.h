@@ -10,7 +10,7 @@
 #ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
 #define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_
 
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/masked_mae_row.h"
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace fused_masked_mae {

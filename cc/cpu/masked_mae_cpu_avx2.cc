@@ -15,5 +15,5 @@
 #pragma GCC target("avx2,fma,f16c")
 #define FUSED_MASKED_MAE_CPU_VARIANT avx2
 #define FUSED_MASKED_MAE_HOST_F16C 1
-#include "cc/kernels/masked_mae_cpu_variant.h"
+#include "cc/cpu/masked_mae_cpu_variant.h"
 #endif

@@ -22,7 +22,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "cc/kernels/masked_mae_cpu_abi.h"
+#include "cc/cpu/masked_mae_cpu_abi.h"
 
 #define FUSED_MASKED_MAE_CPU_CAT2(a, b) a##b
 #define FUSED_MASKED_MAE_CPU_CAT(a, b) FUSED_MASKED_MAE_CPU_CAT2(a, b)
@@ -30,8 +30,8 @@
 #define FUSED_MASKED_MAE_CPU_STR(a) FUSED_MASKED_MAE_CPU_STR2(a)
 #define fused_masked_mae FUSED_MASKED_MAE_CPU_CAT(fused_masked_mae_cpu_, FUSED_MASKED_MAE_CPU_VARIANT)
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_row.h"
+#include "cc/math/host_float16.h"
+#include "cc/math/masked_mae_row.h"
 
 namespace fused_masked_mae {
 namespace {

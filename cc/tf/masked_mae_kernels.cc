@@ -8,14 +8,14 @@
 #define EIGEN_USE_GPU
 #endif
 
-#include "cc/kernels/masked_mae_kernels.h"
+#include "cc/tf/masked_mae_kernels.h"
 
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#include "cc/kernels/host_float16.h"
-#include "cc/kernels/masked_mae_cpu.h"
+#include "cc/math/host_float16.h"
+#include "cc/cpu/masked_mae_cpu.h"
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
@@ -23,8 +23,8 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 
 #if GOOGLE_CUDA
-#include "cc/kernels/cuda_driver.h"
-#include "cc/kernels/masked_mae_cuda.h"
+#include "cc/cuda/cuda_driver.h"
+#include "cc/cuda/masked_mae_cuda.h"
 #include "tensorflow/core/platform/logging.h"
 #endif
 

@@ -2,7 +2,7 @@
 // driver header (cuda.h) only; an empty translation unit in CPU-only builds.
 #ifdef FUSED_MASKED_MAE_WITH_CUDA
 
-#include "cc/kernels/cuda_driver.h"
+#include "cc/cuda/cuda_driver.h"
 
 #include <dlfcn.h>
 

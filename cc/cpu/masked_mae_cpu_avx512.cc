@@ -18,5 +18,5 @@
 #define FUSED_MASKED_MAE_CPU_VARIANT avx512
 #define FUSED_MASKED_MAE_HOST_F16C 1
 #define FUSED_MASKED_MAE_HOST_AVX512 1
-#include "cc/kernels/masked_mae_cpu_variant.h"
+#include "cc/cpu/masked_mae_cpu_variant.h"
 #endif
