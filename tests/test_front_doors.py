@@ -394,3 +394,27 @@ def test_masked_mae_docstring_names_the_xla_route():
     doc = fm.MaskedMAE.__doc__
     assert "custom calls" in doc
     assert "jit_compile=True`) by the composite" not in doc
+
+
+# --- The differential fuzz's harness (tests/fuzz_entries.py) -----------------------
+
+def test_fuzz_harness_agrees_on_the_real_entries_and_catches_a_planted_difference():
+    import fuzz_entries
+
+    rng = np.random.default_rng(5)
+    entries = dict(fuzz_entries.ENTRY_POINTS["masked_mae"])
+    cases = [fuzz_entries.draw_case(rng) for _ in range(40)]
+    assert all(fuzz_entries.check_case(case, entries) is None for case in cases)
+
+    def off_by_one_bit(case):
+        loss, grad = fuzz_entries.core_entry(case)
+        loss = loss.copy()
+        loss.view(np.dtype(f"u{loss.dtype.itemsize}")).flat[0] ^= 1
+        return loss, grad
+
+    computed = [c for c in cases if fuzz_entries.outcome(fuzz_entries.core_entry, c)[0] == "ok"
+                and c.y_pred.size]
+    assert computed
+    message = fuzz_entries.check_case(computed[0], {"op": fuzz_entries.op_entry,
+                                                    "planted": off_by_one_bit})
+    assert message and "planted differs from op" in message
