@@ -11,7 +11,7 @@ exception (TypeError, or ValueError/InvalidArgumentError). The keep bytes are
 also held to an oracle of the README's semantics (tf.math.argmax on inputs
 with denormals read as zero).
 
-    python tests/fuzz_entries.py --cases 2000 [--seed 0] [--no-isa]
+    python tests/fuzz_entries.py --cases 2000 [--seed 0] [--no-isa] [--graph-every N]
 
 Entry points (ENTRY_POINTS, one table per loss; add a row to extend it):
   op        the TensorFlow op, eager, gradient through GradientTape
@@ -258,6 +258,10 @@ def worker_main():
         stdout.flush()
 
 
+# The entries whose first call per trace key or shape is slow (tracing, XLA
+# compilation): --graph-every thins them out on long runs.
+GRAPH_ENTRIES = ("function", "jit")
+
 # The entry points per loss: {loss: {entry name: entry(case)}}. ISA workers are
 # added by main(). Another loss (the cross-entropy) or front door (JAX,
 # PyTorch) adds its table or its rows here.
@@ -330,6 +334,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-isa", action="store_true",
                         help="skip the worker processes of the other CPU variants")
+    parser.add_argument("--graph-every", type=int, default=1,
+                        help="run the graph entries (function, jit: a trace per new "
+                             "dtype/rank/C/tokens, an XLA compilation per new shape) on every "
+                             "Nth case only; the others run every case")
     parser.add_argument("--progress", type=int, default=10000,
                         help="print a progress line every this many cases")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -357,7 +365,8 @@ def main():
     try:
         for index in range(args.cases):
             case = draw_case(rng)
-            problem = check_case(case, entries)
+            problem = check_case(case, entries if index % args.graph_every == 0 else
+                                 {n: e for n, e in entries.items() if n not in GRAPH_ENTRIES})
             if problem:
                 print(f"fuzz_entries: case {index} (seed {args.seed}): {problem}\n{case!r}",
                       file=sys.stderr)
@@ -370,8 +379,10 @@ def main():
         for worker in workers:
             worker.close()
     elapsed = time.monotonic() - start
-    print(f"fuzz_entries: {args.cases} cases through {', '.join(entries)} in {elapsed:.0f} s: "
-          f"{counts['ok']} computed alike, {counts['refused']} refused alike (seed {args.seed})")
+    graph_cases = (args.cases + args.graph_every - 1) // args.graph_every
+    print(f"fuzz_entries: {args.cases} cases through {', '.join(entries)} in {elapsed:.0f} s "
+          f"({', '.join(GRAPH_ENTRIES)}: {graph_cases} of them): {counts['ok']} computed alike, "
+          f"{counts['refused']} refused alike (seed {args.seed})")
     if counts["ok"] == 0 or counts["refused"] == 0:
         print("fuzz_entries: the case mix is degenerate", file=sys.stderr)
         return 1
