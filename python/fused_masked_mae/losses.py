@@ -4,8 +4,13 @@
 - `masked_mae_loss_fn(...)`: a plain `loss(y_true, y_pred)` function, usable
   as the loss of a Keras 3 model and of a Keras 2 (`tf_keras`) model.
 - `TfKerasMaskedMAE`: the same loss as a `tf_keras.losses.Loss`, for
-  `TF_USE_LEGACY_KERAS=1` / `tf_keras` users. It is created on first access,
-  so `import fused_masked_mae` never imports tf_keras.
+  `TF_USE_LEGACY_KERAS=1` / `tf_keras` users. It is created and registered for
+  `.keras`/SavedModel loading as soon as tf_keras is imported (or at once when
+  it already is), so `import fused_masked_mae` never imports tf_keras itself.
+
+Like Keras' MeanAbsoluteError, the losses bring y_true and y_pred to one rank
+first when they differ by a trailing axis of size 1 (`_same_rank`), and
+accept symbolic `KerasTensor`s (the result is the symbolic per-position loss).
 """
 
 import functools
@@ -13,13 +18,52 @@ import functools
 import keras
 import tensorflow as tf
 
-from fused_masked_mae.ops import masked_mae_tokens
+from fused_masked_mae import _registration
+from fused_masked_mae.ops import _FLOAT_DTYPES, masked_mae_tokens
 from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
 
 
-def _per_position_loss(y_true, y_pred, tokens):
+def _same_rank(y_true, y_pred, expand_rank_1=True):
+    """Keras' rank rule for losses (keras.src.losses.loss.
+    squeeze_or_expand_to_same_rank in Keras 3.15, what MeanAbsoluteError
+    applies): when the ranks differ by one and the longer one ends in an axis
+    of 1, that axis is squeezed, or, when the shorter one has rank 1 and
+    expand_rank_1, the shorter one gets a trailing axis of 1 ([B] with [B, 1]
+    is [B, 1] with [B, 1]). tf_keras' rule (losses_utils.
+    squeeze_or_expand_dimensions) is the same with expand_rank_1=False. Any
+    other difference is left to the op's "must have the same shape" error."""
+    symbolic = isinstance(y_true, keras.KerasTensor) or isinstance(y_pred, keras.KerasTensor)
+    squeeze = keras.ops.squeeze if symbolic else tf.squeeze
+    expand = keras.ops.expand_dims if symbolic else tf.expand_dims
+    true_rank, pred_rank = len(y_true.shape), len(y_pred.shape)
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        if pred_rank == 1 and expand_rank_1:
+            y_pred = expand(y_pred, axis=-1)
+        else:
+            y_true = squeeze(y_true, axis=-1)
+    elif pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        if true_rank == 1 and expand_rank_1:
+            y_true = expand(y_true, axis=-1)
+        else:
+            y_pred = squeeze(y_pred, axis=-1)
+    return y_true, y_pred
+
+
+def _per_position_loss(y_true, y_pred, tokens, expand_rank_1=True):
+    if isinstance(y_true, keras.KerasTensor) or isinstance(y_pred, keras.KerasTensor):
+        # Symbolic inputs (a functional model's outputs, say): the loss's
+        # symbolic result, computed by the op once real tensors arrive.
+        y_true, y_pred = _same_rank(y_true, y_pred, expand_rank_1)
+        if len(y_pred.shape) == 0:
+            raise ValueError("Shape must be at least rank 1 but is rank 0")
+        return keras.KerasTensor(y_pred.shape[:-1], dtype=y_pred.dtype)
     y_pred = tf.convert_to_tensor(y_pred)
+    if y_pred.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"y_pred must be float16, bfloat16, float32 or float64, got {y_pred.dtype.name}"
+        )
     y_true = tf.cast(y_true, y_pred.dtype)
+    y_true, y_pred = _same_rank(y_true, y_pred, expand_rank_1)
     return masked_mae_tokens(y_true, y_pred, tokens)
 
 
@@ -31,7 +75,10 @@ class MaskedMAE(MaskedTokensConfig, keras.losses.Loss):
     start token, the end token or one of `tokens` costs nothing; every other
     position costs `mean(|y_pred - y_true|)` over the classes. Computed by one
     fused op (and one fused gradient op) instead of about ten TensorFlow ops;
-    inside XLA compilation (`jit_compile=True`) by the composite of plain ops.
+    inside XLA compilation (`jit_compile=True`) by the same kernels as XLA
+    custom calls (the composite of plain ops only where no handler can run,
+    see fused_masked_mae.xla). With nothing masked it is Keras'
+    MeanAbsoluteError, rank rules and symbolic inputs included.
 
     Args:
       start_token, end_token: class ids in `[0, C)`, or None to not mask it.
@@ -101,7 +148,7 @@ def _tf_keras_masked_mae_class():
             self._set_masked_tokens(start_token, end_token, tokens)
 
         def call(self, y_true, y_pred):
-            return _per_position_loss(y_true, y_pred, self._tokens)
+            return _per_position_loss(y_true, y_pred, self._tokens, expand_rank_1=False)
 
     TfKerasMaskedMAE.__module__ = __name__
     TfKerasMaskedMAE.__qualname__ = "TfKerasMaskedMAE"
@@ -114,3 +161,8 @@ def __getattr__(name):
     if name == "TfKerasMaskedMAE":
         return _tf_keras_masked_mae_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Registered for tf_keras' deserialization whenever tf_keras is in use: now if
+# it is imported, else as soon as it is (never importing it from here).
+_registration.when_imported("tf_keras", lambda _module: _tf_keras_masked_mae_class())

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from fused_masked_mae._loader import ops_library
 from fused_masked_mae import xla as _xla
+from fused_masked_mae._second_order import gradient_of_gradient
 from fused_masked_mae.ops import _FLOAT_DTYPES, _check_static_shapes, in_xla_context
 from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
 from fused_masked_mae.reference import reference_masked_mae_tokens
@@ -82,6 +83,16 @@ def _sparse_masked_mae_grad(op, grad_loss, _grad_row_keep):
     return None, grad_y_pred  # no gradient for integer ids
 
 
+@tf.RegisterGradient("Import_fused_masked_mae>SparseMaskedMaeGrad")
+def _sparse_masked_mae_grad_grad(op, upstream):
+    # Second order, as for the dense gradient op (see _second_order.py), on
+    # one_hot(ids): built only when a second derivative is asked for.
+    y_true_ids, y_pred, row_keep, _ = op.inputs
+    one_hot = tf.one_hot(y_true_ids, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+    return (None, tf.zeros_like(y_pred), None,
+            gradient_of_gradient(one_hot, y_pred, row_keep, upstream))
+
+
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
 class SparseMaskedMAE(MaskedTokensConfig, keras.losses.Loss):
     """MaskedMAE for integer class-id targets `[...]` (like Keras'
@@ -104,6 +115,9 @@ class SparseMaskedMAE(MaskedTokensConfig, keras.losses.Loss):
         self._set_masked_tokens(start_token, end_token, tokens)
 
     def call(self, y_true, y_pred):
+        if isinstance(y_true, keras.KerasTensor) or isinstance(y_pred, keras.KerasTensor):
+            # Symbolic inputs: the symbolic per-position loss (as MaskedMAE).
+            return keras.KerasTensor(y_pred.shape[:-1], dtype=y_pred.dtype)
         y_pred = tf.convert_to_tensor(y_pred)
         y_true = tf.convert_to_tensor(y_true)
         if y_true.shape.rank is not None and y_true.shape.rank == y_pred.shape.rank:
