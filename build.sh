@@ -36,7 +36,8 @@ PKG_DIR="$ROOT/python/fused_masked_mae"
 JOBS="${JOBS:-$(nproc)}"
 
 # What goes into each library (tests/test_bazel_build.py keeps BUILD in step).
-OP_LIBRARY_SOURCES=(cc/tf/masked_mae_ops.cc cc/tf/masked_mae_kernels.cc)
+OP_LIBRARY_SOURCES=(cc/tf/masked_mae_ops.cc cc/tf/masked_mae_kernels.cc cc/tf/masked_ce_ops.cc
+  cc/tf/masked_ce_kernels.cc)
 # The CPU launchers (no TensorFlow headers), linked into both libraries: the
 # dispatcher, then one translation unit per instruction-set variant of the row
 # loops (each sets its own target by pragma; the x86 ones are empty elsewhere).

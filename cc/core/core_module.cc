@@ -220,6 +220,128 @@ py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::a
   });
 }
 
+// --- Masked cross-entropy (CPU) ----------------------------------------------
+
+CeOptions MakeCeOptions(bool from_logits, double label_smoothing, double epsilon, bool sparse) {
+  const CeOptions options{from_logits ? 1 : 0, static_cast<float>(label_smoothing),
+                          static_cast<float>(epsilon)};
+  const std::string invalid = InvalidCeOptionsMessage(options, sparse);
+  if (!invalid.empty()) Fail(invalid);
+  return options;
+}
+
+// Runs the CPU cross-entropy forward; returns the loss, or (loss, row_keep,
+// row_stats) with return_stats.
+py::object CeForward(const py::array& y_true, const py::array& y_pred,
+                     const std::vector<int64_t>& masked_tokens, bool sparse, bool from_logits,
+                     double label_smoothing, double epsilon, bool return_stats) {
+  const RowView view = CheckTargets(y_true, y_pred, sparse);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  const CeOptions options = MakeCeOptions(from_logits, label_smoothing, epsilon, sparse);
+  CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
+  const std::vector<int64_t> loss_shape = LossShape(y_pred);
+  std::vector<int64_t> stats_shape = loss_shape;
+  stats_shape.push_back(kCeRowStats);
+  py::array_t<uint8_t> row_keep(loss_shape);
+  py::array_t<double> row_stats(stats_shape);
+  py::array loss = DispatchCpuDtype(y_pred, [&](auto zero) {
+    using T = decltype(zero);
+    py::array out(y_pred.dtype(), loss_shape);
+    const T* p = static_cast<const T*>(y_pred.data());
+    T* o = static_cast<T*>(out.mutable_data());
+    uint8_t* keep = row_keep.mutable_data();
+    double* stats = row_stats.mutable_data();
+    WithTargets<T>(y_true, sparse, [&](const auto* targets) {
+      py::gil_scoped_release release;
+      CpuMaskedCeForward(targets, p, view.rows, view.num_classes, tokens, options, o, keep,
+                         stats, SerialFor);
+      return 0;
+    });
+    return out;
+  });
+  if (return_stats) return py::make_tuple(loss, row_keep, row_stats);
+  return std::move(loss);
+}
+
+// The cross-entropy's gradient from the forward's row_keep and row_stats, or
+// (both None) from masked_tokens, running the forward first.
+py::array CeGradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
+                     const std::vector<int64_t>& masked_tokens, bool sparse, bool from_logits,
+                     double label_smoothing, double epsilon, const py::object& row_keep,
+                     const py::object& row_stats) {
+  const RowView view = CheckTargets(y_true, y_pred, sparse);
+  const CeOptions options = MakeCeOptions(from_logits, label_smoothing, epsilon, sparse);
+  const std::vector<int64_t> loss_shape = LossShape(y_pred);
+  if (ShapeOf(grad_loss) != loss_shape) {
+    Fail("grad_loss must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
+         ShapeString(ShapeOf(grad_loss)));
+  }
+  CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
+  CheckCpuArray(grad_loss, "grad_loss", y_pred.dtype());
+  py::array keep, stats;
+  if (row_keep.is_none() != row_stats.is_none()) {
+    Fail("pass both row_keep and row_stats (from ce_forward(..., return_stats=True)) or neither");
+  }
+  if (row_keep.is_none()) {
+    const py::tuple forward = CeForward(y_true, y_pred, masked_tokens, sparse, from_logits,
+                                        label_smoothing, epsilon, true);
+    keep = forward[1];
+    stats = forward[2];
+  } else {
+    if (!masked_tokens.empty()) {
+      Fail("pass masked_tokens or row_keep, not both: row_keep already says which rows are "
+           "masked");
+    }
+    keep = row_keep.cast<py::array>();
+    stats = row_stats.cast<py::array>();
+    std::vector<int64_t> stats_shape = loss_shape;
+    stats_shape.push_back(kCeRowStats);
+    if (ShapeOf(keep) != loss_shape) {
+      Fail("row_keep must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
+           ShapeString(ShapeOf(keep)));
+    }
+    if (ShapeOf(stats) != stats_shape) {
+      Fail("row_stats must have the shape " + ShapeString(stats_shape) + ", got " +
+           ShapeString(ShapeOf(stats)));
+    }
+    CheckCpuArray(keep, "row_keep", py::dtype::of<uint8_t>());
+    CheckCpuArray(stats, "row_stats", py::dtype::of<double>());
+  }
+  return DispatchCpuDtype(y_pred, [&](auto zero) {
+    using T = decltype(zero);
+    py::array grad(y_pred.dtype(), ShapeOf(y_pred));
+    const T* p = static_cast<const T*>(y_pred.data());
+    const T* g = static_cast<const T*>(grad_loss.data());
+    const uint8_t* k = static_cast<const uint8_t*>(keep.data());
+    const double* st = static_cast<const double*>(stats.data());
+    T* out = static_cast<T*>(grad.mutable_data());
+    WithTargets<T>(y_true, sparse, [&](const auto* targets) {
+      py::gil_scoped_release release;
+      CpuMaskedCeGradient(targets, p, k, st, g, view.rows, view.num_classes, options, out,
+                          SerialFor);
+      return 0;
+    });
+    return grad;
+  });
+}
+
+// DetExp and DetLog of the CPU variant in use, elementwise (float32/float64).
+py::tuple DetExpLog(const py::array& x) {
+  if (!(x.flags() & py::array::c_style)) Fail("x must be C-contiguous");
+  const std::string name = py::str(x.dtype().attr("name"));
+  py::array e(x.dtype(), ShapeOf(x)), l(x.dtype(), ShapeOf(x));
+  if (name == "float32") {
+    CpuDetExpLog(static_cast<const float*>(x.data()), x.size(),
+                 static_cast<float*>(e.mutable_data()), static_cast<float*>(l.mutable_data()));
+  } else if (name == "float64") {
+    CpuDetExpLog(static_cast<const double*>(x.data()), x.size(),
+                 static_cast<double*>(e.mutable_data()), static_cast<double*>(l.mutable_data()));
+  } else {
+    throw py::type_error("x must be float32 or float64, got " + name);
+  }
+  return py::make_tuple(e, l);
+}
+
 // --- Memory bandwidth probe (for the benchmarks) ------------------------------
 
 // Best-of-`repeats` bandwidth in GB/s of `threads` threads streaming over
@@ -417,6 +539,23 @@ PYBIND11_MODULE(_core, m) {
         py::arg("row_keep") = py::none(),
         "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative), from the "
         "forward's row_keep or, without it, from masked_tokens.");
+  m.def("ce_forward", &CeForward, py::arg("y_true"), py::arg("y_pred"),
+        py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
+        py::arg("from_logits") = false, py::arg("label_smoothing") = 0.0,
+        py::arg("epsilon") = 1e-7, py::arg("return_stats") = false,
+        "The masked cross-entropy per position [...] for NumPy arrays [..., C]; with "
+        "return_stats, (loss, row_keep, row_stats[..., 2] float64) for ce_gradient().");
+  m.def("ce_gradient", &CeGradient, py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"),
+        py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
+        py::arg("from_logits") = false, py::arg("label_smoothing") = 0.0,
+        py::arg("epsilon") = 1e-7, py::arg("row_keep") = py::none(),
+        py::arg("row_stats") = py::none(),
+        "d loss / d y_pred of the masked cross-entropy, from the forward's row_keep and "
+        "row_stats or, without them, from masked_tokens.");
+  m.def("det_exp_log", &DetExpLog, py::arg("x"),
+        "(exp(x), log(x)) by the deterministic exp/log of the row math (cc/math/"
+        "det_exp_log.h), in the CPU variant in use; float32 or float64.");
+  m.attr("CE_ROW_STATS") = kCeRowStats;
   m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
   m.def("probe_bandwidth", &ProbeBandwidth, py::arg("mode"), py::arg("megabytes") = 512.0,
         py::arg("threads") = 1, py::arg("repeats") = 5,
