@@ -46,7 +46,8 @@ CPU_SOURCES=(cc/cpu/masked_mae_cpu.cc cc/cpu/masked_mae_cpu_baseline.cc
 # XLA FFI handlers (custom calls under jit_compile), in the op library; the
 # CUDA ones compile to nothing without GOOGLE_CUDA. They need
 # libtensorflow_cc.so.2 (the FFI API).
-XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc)
+XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc
+  cc/xla/masked_ce_ffi_cpu.cc)
 # Device code only (tools/build_device_code.sh); the host side of the launchers
 # and the driver loader are plain C++ (empty when built without CUDA).
 CUDA_SOURCE=cc/cuda/masked_mae_kernels.cu.cc
