@@ -444,7 +444,7 @@ def make_model(classes, seed=0):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_fit_equals_keras_crossentropy_without_tokens(jit_compile):
+def test_keras_fit_equals_keras_crossentropy_without_tokens(jit_compile):
     classes = 12
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6, 8)).astype(np.float32)
@@ -458,7 +458,7 @@ def test_fit_equals_keras_crossentropy_without_tokens(jit_compile):
     np.testing.assert_allclose(histories[0], histories[1], rtol=1e-5)
 
 
-def test_fit_evaluate_save_load_with_tokens():
+def test_keras_fit_evaluate_save_load_with_tokens():
     classes = 10
     rng = np.random.default_rng(1)
     x = rng.normal(size=(48, 6, 8)).astype(np.float32)
