@@ -202,8 +202,20 @@ inline Acc LaneTreeMax(Acc* lanes) {
   return lanes[0];
 }
 
-template <typename T, typename TargetRow>
-inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
+// t' with the smoothing decided at compile time (so the row loops vectorize).
+template <bool kSmoothing, typename Acc>
+inline Acc SmoothTargetIf(const CeConstants<Acc>& c, Acc t) {
+  if constexpr (kSmoothing) {
+    return t * c.smooth_scale + c.smooth_offset;
+  } else {
+    return t;
+  }
+}
+
+// kLogits and kSmoothing are c.from_logits and c.smoothing, as template
+// arguments so that the loops have no branch (ScanCeRow dispatches).
+template <bool kLogits, bool kSmoothing, typename T, typename TargetRow>
+inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRowAs(
     const TargetRow& y_true, const T* y_pred, int64_t num_classes, const MaskedTokenSet& tokens,
     const CeConstants<typename AccumulatorOf<T>::type>& c) {
   using Acc = typename AccumulatorOf<T>::type;
@@ -217,15 +229,15 @@ inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
     t_best[l] = p_best[l] = lowest;
     sum1[l] = Acc(0);
   }
-  const bool logits = c.from_logits;
+  constexpr bool logits = kLogits;
   ForEachCeBlock(y_true, y_pred, num_classes, lowest, [&](const Acc* t, const Acc* p, auto lanes,
                                                           int64_t) {
     for (int l = 0; l < kHostLanes; ++l) {
       if constexpr (!kSparse) t_best[l] = Improves(t[l], t_best[l]) ? t[l] : t_best[l];
       p_best[l] = Improves(p[l], p_best[l]) ? p[l] : p_best[l];
       Acc term;
-      if (logits) {
-        term = kSparse ? Acc(0) : SmoothTarget(c, t[l]);
+      if constexpr (logits) {
+        term = kSparse ? Acc(0) : SmoothTargetIf<kSmoothing>(c, t[l]);
       } else {
         term = kSparse ? ClipProbability(c, p[l]) : p[l];
       }
@@ -238,7 +250,7 @@ inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
   CeRowSummary<Acc> out{};
   out.keep = HostKeepFactor(y_true, y_pred, num_classes, t_max, p_max, tokens);
   if constexpr (kSparse) {
-    if (!logits) {
+    if constexpr (!logits) {
       // Sparse probabilities: log(sum clip p) - log(clip p_id); no second pass.
       out.ce = DetLog(row_sum) - DetLog(ClipProbability(c, static_cast<Acc>(y_pred[y_true.id])));
       out.stats[0] = row_sum;
@@ -251,7 +263,7 @@ inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
   // V = sum [clip passes] t'.
   Acc acc_a[kHostLanes], acc_b[kHostLanes];
   for (int l = 0; l < kHostLanes; ++l) acc_a[l] = acc_b[l] = Acc(0);
-  if (logits) {
+  if constexpr (logits) {
     const Acc m = p_max;
     ForEachCeBlock(y_true, y_pred, num_classes, m, [&](const Acc* t, const Acc* z, auto lanes,
                                                        int64_t) {
@@ -259,7 +271,7 @@ inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
         const Acc e = DetExp(z[l] - m);
         acc_a[l] += lanes.In(l) ? e : Acc(0);
         if constexpr (!kSparse) {
-          const Acc w = SmoothTarget(c, t[l]) * (m - z[l]);
+          const Acc w = SmoothTargetIf<kSmoothing>(c, t[l]) * (m - z[l]);
           acc_b[l] += lanes.In(l) ? w : Acc(0);
         }
       }
@@ -277,15 +289,14 @@ inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
     out.stats[0] = m;
     out.stats[1] = s;
     return out;
-  }
-  if constexpr (!kSparse) {
+  } else if constexpr (!kSparse) {
     const Acc sum_p = row_sum;
     ForEachCeBlock(y_true, y_pred, num_classes, Acc(0), [&](const Acc* t, const Acc* p,
                                                             auto lanes, int64_t) {
       Acc tt[kHostLanes], q[kHostLanes];
       bool any_target = false;
       for (int l = 0; l < kHostLanes; ++l) {
-        tt[l] = lanes.In(l) ? SmoothTarget(c, t[l]) : Acc(0);
+        tt[l] = lanes.In(l) ? SmoothTargetIf<kSmoothing>(c, t[l]) : Acc(0);
         q[l] = p[l] / sum_p;
         any_target |= tt[l] != Acc(0);
       }
@@ -312,6 +323,18 @@ inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
   return out;
 }
 
+template <typename T, typename TargetRow>
+inline CeRowSummary<typename AccumulatorOf<T>::type> ScanCeRow(
+    const TargetRow& y_true, const T* y_pred, int64_t num_classes, const MaskedTokenSet& tokens,
+    const CeConstants<typename AccumulatorOf<T>::type>& c) {
+  if (c.from_logits) {
+    return c.smoothing ? ScanCeRowAs<true, true>(y_true, y_pred, num_classes, tokens, c)
+                       : ScanCeRowAs<true, false>(y_true, y_pred, num_classes, tokens, c);
+  }
+  return c.smoothing ? ScanCeRowAs<false, true>(y_true, y_pred, num_classes, tokens, c)
+                     : ScanCeRowAs<false, false>(y_true, y_pred, num_classes, tokens, c);
+}
+
 // The row's loss keep * CE (NaN canonical), its keep byte and statistics.
 template <typename T, typename TargetRow>
 inline T ComputeCeRowLoss(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
@@ -326,11 +349,11 @@ inline T ComputeCeRowLoss(const TargetRow& y_true, const T* y_pred, int64_t num_
 
 // d loss / d y_pred for one row from the forward's keep byte and statistics:
 // one streaming pass.
-template <typename T, typename TargetRow>
-inline void ComputeCeRowGradient(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
-                                 const CeConstants<typename AccumulatorOf<T>::type>& c,
-                                 uint8_t keep_byte, const double* stats, T upstream,
-                                 T* grad_y_pred) {
+template <bool kLogits, bool kSmoothing, typename T, typename TargetRow>
+inline void ComputeCeRowGradientAs(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
+                                   const CeConstants<typename AccumulatorOf<T>::type>& c,
+                                   uint8_t keep_byte, const double* stats, T upstream,
+                                   T* grad_y_pred) {
   using Acc = typename AccumulatorOf<T>::type;
   constexpr bool kSparse = std::is_same_v<TargetRow, SparseTargetRow>;
   // G = upstream * keep, rounded to T (the Mul gradient of keep * CE).
@@ -340,24 +363,52 @@ inline void ComputeCeRowGradient(const TargetRow& y_true, const T* y_pred, int64
   const Acc stat1 = static_cast<Acc>(stats[1]);
   const Acc row_term = DenseProbabilityRowTerm(scale, stat0, stat1);
   const auto element = [&](Acc t, Acc p, bool is_target) {
-    if (c.from_logits) return LogitsGradientValue(scale, stat0, stat1, p, SmoothTarget(c, t));
-    if constexpr (kSparse) {
+    if constexpr (kLogits) {
+      return LogitsGradientValue(scale, stat0, stat1, p, SmoothTargetIf<kSmoothing>(c, t));
+    } else if constexpr (kSparse) {
       return SparseProbabilityGradientValue(c, scale, stat0, p, is_target);
     } else {
-      return DenseProbabilityGradientValue(c, scale, stat0, row_term, p, SmoothTarget(c, t));
+      return DenseProbabilityGradientValue(c, scale, stat0, row_term, p,
+                                           SmoothTargetIf<kSmoothing>(c, t));
     }
   };
-  ForEachCeBlock(y_true, y_pred, num_classes, Acc(0), [&](const Acc* t, const Acc* p,
-                                                          auto lanes, int64_t base) {
-    for (int l = 0; l < kHostLanes; ++l) {
-      if (lanes.In(l)) {
-        grad_y_pred[base + l] = static_cast<T>(CanonicalNaN(element(t[l], p[l], false)));
-      }
+  const int64_t full = num_classes - num_classes % kHostLanes;
+  for (int64_t base = 0; base < full; base += kHostLanes) {
+    Acc t[kHostLanes], p[kHostLanes], g[kHostLanes];
+    if constexpr (kSparse) {
+      for (int l = 0; l < kHostLanes; ++l) t[l] = Acc(0);  // the one at id is redone below
+    } else {
+      LoadLanes(y_true.values + base, t);
     }
-  });
+    LoadLanes(y_pred + base, p);
+    for (int l = 0; l < kHostLanes; ++l) g[l] = CanonicalNaN(element(t[l], p[l], false));
+    for (int l = 0; l < kHostLanes; ++l) grad_y_pred[base + l] = static_cast<T>(g[l]);
+  }
+  for (int64_t i = full; i < num_classes; ++i) {
+    grad_y_pred[i] = static_cast<T>(CanonicalNaN(
+        element(y_true.template At<Acc>(i), static_cast<Acc>(y_pred[i]), false)));
+  }
   if constexpr (kSparse) {
     grad_y_pred[y_true.id] = static_cast<T>(
         CanonicalNaN(element(Acc(1), static_cast<Acc>(y_pred[y_true.id]), true)));
+  }
+}
+
+// d loss / d y_pred for one row from the forward's keep byte and statistics:
+// one streaming pass.
+template <typename T, typename TargetRow>
+inline void ComputeCeRowGradient(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
+                                 const CeConstants<typename AccumulatorOf<T>::type>& c,
+                                 uint8_t keep_byte, const double* stats, T upstream,
+                                 T* grad_y_pred) {
+  if (c.from_logits) {
+    (c.smoothing ? ComputeCeRowGradientAs<true, true, T, TargetRow>
+                 : ComputeCeRowGradientAs<true, false, T, TargetRow>)(
+        y_true, y_pred, num_classes, c, keep_byte, stats, upstream, grad_y_pred);
+  } else {
+    (c.smoothing ? ComputeCeRowGradientAs<false, true, T, TargetRow>
+                 : ComputeCeRowGradientAs<false, false, T, TargetRow>)(
+        y_true, y_pred, num_classes, c, keep_byte, stats, upstream, grad_y_pred);
   }
 }
 
