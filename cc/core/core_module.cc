@@ -431,12 +431,25 @@ const char* sparse_name(const std::string& id_dtype) {
 
 // The forward (grad_loss unused; row_keep written when not 0) or the gradient
 // launch (masked_tokens unused; row_keep read), dense or sparse.
+// ce: the masked cross-entropy's launch (options, and row_stats: written by
+// the forward unless 0, read by the gradient) instead of the masked MAE's.
+struct CudaCe {
+  bool enabled = false;
+  CeOptions options{};
+  uintptr_t row_stats = 0;
+};
+
 void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep,
                 uintptr_t grad_loss, uintptr_t out, const std::vector<int64_t>& shape,
                 const std::string& dtype, const std::vector<int64_t>& masked_tokens,
-                uintptr_t stream, const std::string& id_dtype) {
+                uintptr_t stream, const std::string& id_dtype, const CudaCe& ce = CudaCe{}) {
   const RowView view = CheckRowShape(shape);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  if (ce.enabled) {
+    const std::string invalid = InvalidCeOptionsMessage(ce.options, !id_dtype.empty());
+    if (!invalid.empty()) Fail(invalid);
+    if (gradient) CheckCudaPointer(ce.row_stats, "row_stats", view.rows);
+  }
   CheckCudaPointer(y_true, "y_true", view.rows);
   CheckCudaPointer(y_pred, "y_pred", view.rows);
   if (gradient) {
@@ -453,7 +466,7 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
   const int device = DeviceOf(y_pred, "y_pred");
   const std::pair<const char*, uintptr_t> others[] = {
       {sparse_name(id_dtype), y_true}, {"row_keep", row_keep}, {"grad_loss", grad_loss},
-      {gradient ? "grad_y_pred" : "loss", out}};
+      {gradient ? "grad_y_pred" : "loss", out}, {"row_stats", ce.row_stats}};
   for (const auto& [name, ptr] : others) {
     if (ptr == 0) continue;  // grad_loss of the forward, row_keep not asked for
     const int other = DeviceOf(ptr, name);
@@ -482,6 +495,14 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
       T* o = reinterpret_cast<T*>(out);
       const auto s = reinterpret_cast<cudaStream_t>(stream);
       const int64_t rows = view.rows, classes = view.num_classes;
+      double* stats = reinterpret_cast<double*>(ce.row_stats);
+      if (ce.enabled) {
+        if (gradient) {
+          return LaunchMaskedCeGradient(targets, p, k, stats, g, rows, classes, ce.options, o, s);
+        }
+        return LaunchMaskedCeForward(targets, p, rows, classes, tokens, ce.options, o, k, stats,
+                                     s);
+      }
       if (gradient) {
         if constexpr (kDense) {
           return LaunchMaskedMaeGradient(targets, p, k, g, rows, classes, o, s);
@@ -614,6 +635,47 @@ PYBIND11_MODULE(_core, m) {
       py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"), py::arg("stream"),
       py::arg("id_dtype") = std::string(),
       "Launches the gradient kernel on raw device pointers from the forward's row_keep.");
+  m.def(
+      "cuda_ce_forward",
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, const std::vector<int64_t>& shape,
+         const std::string& dtype, const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+         const std::string& id_dtype, uintptr_t row_keep, uintptr_t row_stats, bool from_logits,
+         double label_smoothing, double epsilon) {
+        CudaCe ce;
+        ce.enabled = true;
+        ce.options = CeOptions{from_logits ? 1 : 0, static_cast<float>(label_smoothing),
+                               static_cast<float>(epsilon)};
+        ce.row_stats = row_stats;
+        CudaLaunch(false, y_true, y_pred, row_keep, 0, loss, shape, dtype, masked_tokens, stream,
+                   id_dtype, ce);
+      },
+      py::arg("y_true"), py::arg("y_pred"), py::arg("loss"), py::arg("shape"), py::arg("dtype"),
+      py::arg("masked_tokens"), py::arg("stream"), py::arg("id_dtype") = std::string(),
+      py::arg("row_keep") = uintptr_t{0}, py::arg("row_stats") = uintptr_t{0},
+      py::arg("from_logits") = false, py::arg("label_smoothing") = 0.0,
+      py::arg("epsilon") = 1e-7,
+      "Launches the masked cross-entropy forward kernel on raw device pointers; writes the "
+      "keep byte and the float64 row statistics [rows, 2] unless their pointers are 0.");
+  m.def(
+      "cuda_ce_gradient",
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep, uintptr_t row_stats,
+         uintptr_t grad_loss, uintptr_t grad_y_pred, const std::vector<int64_t>& shape,
+         const std::string& dtype, uintptr_t stream, const std::string& id_dtype,
+         bool from_logits, double label_smoothing, double epsilon) {
+        CudaCe ce;
+        ce.enabled = true;
+        ce.options = CeOptions{from_logits ? 1 : 0, static_cast<float>(label_smoothing),
+                               static_cast<float>(epsilon)};
+        ce.row_stats = row_stats;
+        CudaLaunch(true, y_true, y_pred, row_keep, grad_loss, grad_y_pred, shape, dtype, {},
+                   stream, id_dtype, ce);
+      },
+      py::arg("y_true"), py::arg("y_pred"), py::arg("row_keep"), py::arg("row_stats"),
+      py::arg("grad_loss"), py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"),
+      py::arg("stream"), py::arg("id_dtype") = std::string(), py::arg("from_logits") = false,
+      py::arg("label_smoothing") = 0.0, py::arg("epsilon") = 1e-7,
+      "Launches the masked cross-entropy gradient kernel from the forward's row_keep and "
+      "row_stats.");
 #else
   m.attr("WITH_CUDA") = false;
 #endif

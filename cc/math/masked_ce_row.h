@@ -64,13 +64,16 @@ MMAE_HOST_DEVICE CeConstants<Acc> MakeCeConstants(const CeOptions& options,
                                                   int64_t num_classes) {
   const double ls = static_cast<double>(options.label_smoothing);
   const double eps = static_cast<double>(options.epsilon);
-  const auto through_t = [](double v) { return static_cast<Acc>(static_cast<T>(v)); };
+  // double -> Acc -> T: the host 16-bit types and CUDA's convert from float.
+  const auto through_t = [](double v) {
+    return static_cast<Acc>(static_cast<T>(static_cast<Acc>(v)));
+  };
   CeConstants<Acc> c;
   c.from_logits = options.from_logits != 0;
   c.smoothing = ls != 0.0;
   c.smooth_scale = through_t(1.0 - ls);
-  c.smooth_offset = static_cast<Acc>(static_cast<T>(
-      through_t(ls) / static_cast<Acc>(static_cast<T>(static_cast<double>(num_classes)))));
+  c.smooth_offset = static_cast<Acc>(
+      static_cast<T>(through_t(ls) / through_t(static_cast<double>(num_classes))));
   c.clip_lo = through_t(eps);
   c.clip_hi = through_t(1.0 - eps);
   return c;

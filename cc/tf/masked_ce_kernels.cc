@@ -1,8 +1,12 @@
 // TensorFlow kernels for Import_fused_masked_mae>MaskedCrossentropy, its
 // sparse twin and their gradients: validate (the masked MAE's checks, plus
 // the options and the gradient's per-row inputs), allocate, and call the CPU
-// launchers (cc/cpu/masked_mae_cpu.h), which run cc/math/masked_ce_row.h.
+// launchers (cc/cpu/masked_mae_cpu.h) or the CUDA launchers
+// (cc/cuda/masked_mae_cuda.h), which run cc/math/masked_ce_row.h.
 #define EIGEN_USE_THREADS
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#endif
 
 #include <string>
 #include <type_traits>
@@ -17,6 +21,11 @@
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 
+#if GOOGLE_CUDA
+#include "cc/cuda/cuda_driver.h"
+#include "cc/cuda/masked_mae_cuda.h"
+#endif
+
 namespace fused_masked_mae {
 
 using ::tensorflow::OpKernel;
@@ -25,6 +34,7 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 using CPUDevice = Eigen::ThreadPoolDevice;
+using GPUDevice = Eigen::GpuDevice;
 
 namespace {
 
@@ -72,9 +82,58 @@ void ReadCeOptions(OpKernelConstruction* ctx, bool sparse, CeOptions* options) {
   OP_REQUIRES(ctx, invalid.empty(), absl::InvalidArgumentError(invalid));
 }
 
+// The launch on CPUDevice (the op's thread pool) or GPUDevice (its stream).
+template <typename Device, typename T, typename TargetT>
+absl::Status LaunchCeForward(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
+                             int64_t rows, int64_t num_classes, const MaskedTokenSet& tokens,
+                             const CeOptions& options, T* loss, uint8_t* row_keep,
+                             double* row_stats) {
+  if constexpr (std::is_same_v<Device, CPUDevice>) {
+    CpuMaskedCeForward(Host(y_true), Host(y_pred), rows, num_classes, tokens, options, Host(loss),
+                       row_keep, row_stats, OpThreadPool(ctx));
+    return absl::OkStatus();
+  } else {
+#if GOOGLE_CUDA
+    const CUresult r = LaunchMaskedCeForward(
+        Host(y_true), Host(y_pred), rows, num_classes, tokens, options, Host(loss), row_keep,
+        row_stats, ctx->eigen_device<GPUDevice>().stream());
+    if (r == CUDA_SUCCESS) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat(
+        "launching the masked cross-entropy forward CUDA kernel failed: ",
+        cuda::ErrorMessage(r)));
+#else
+    return absl::InternalError("no GPU support in this build");
+#endif
+  }
+}
+
+template <typename Device, typename T, typename TargetT>
+absl::Status LaunchCeGradient(OpKernelContext* ctx, const TargetT* y_true, const T* y_pred,
+                              const uint8_t* row_keep, const double* row_stats,
+                              const T* grad_loss, int64_t rows, int64_t num_classes,
+                              const CeOptions& options, T* grad_y_pred) {
+  if constexpr (std::is_same_v<Device, CPUDevice>) {
+    CpuMaskedCeGradient(Host(y_true), Host(y_pred), row_keep, row_stats, Host(grad_loss), rows,
+                        num_classes, options, Host(grad_y_pred), OpThreadPool(ctx));
+    return absl::OkStatus();
+  } else {
+#if GOOGLE_CUDA
+    const CUresult r = LaunchMaskedCeGradient(
+        Host(y_true), Host(y_pred), row_keep, row_stats, Host(grad_loss), rows, num_classes,
+        options, Host(grad_y_pred), ctx->eigen_device<GPUDevice>().stream());
+    if (r == CUDA_SUCCESS) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat(
+        "launching the masked cross-entropy gradient CUDA kernel failed: ",
+        cuda::ErrorMessage(r)));
+#else
+    return absl::InternalError("no GPU support in this build");
+#endif
+  }
+}
+
 }  // namespace
 
-template <typename T, typename TargetT>
+template <typename Device, typename T, typename TargetT>
 class MaskedCeOp : public OpKernel {
  public:
   explicit MaskedCeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -99,8 +158,8 @@ class MaskedCeOp : public OpKernel {
     const Tensor& y_pred = ctx->input(1);
     int64_t rows, num_classes;
     TensorShape loss_shape;
-    if (!ValidateInputs<CPUDevice, T, TargetT>(ctx, y_true, y_pred, tokens_, &rows,
-                                               &num_classes, &loss_shape)) {
+    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, tokens_, &rows, &num_classes,
+                                            &loss_shape)) {
       return;
     }
     TensorShape stats_shape = loss_shape;
@@ -110,10 +169,11 @@ class MaskedCeOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, loss_shape, &row_keep));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, stats_shape, &row_stats));
     if (rows == 0) return;
-    CpuMaskedCeForward(Host(y_true.flat<TargetT>().data()), Host(y_pred.flat<T>().data()), rows,
-                       num_classes, tokens_, options_, Host(loss->flat<T>().data()),
-                       row_keep->flat<uint8_t>().data(), row_stats->flat<double>().data(),
-                       OpThreadPool(ctx));
+    OP_REQUIRES_OK(ctx, (LaunchCeForward<Device, T, TargetT>(
+                            ctx, y_true.flat<TargetT>().data(), y_pred.flat<T>().data(), rows,
+                            num_classes, tokens_, options_, loss->flat<T>().data(),
+                            row_keep->flat<uint8_t>().data(),
+                            row_stats->flat<double>().data())));
   }
 
  private:
@@ -121,7 +181,7 @@ class MaskedCeOp : public OpKernel {
   CeOptions options_{};
 };
 
-template <typename T, typename TargetT>
+template <typename Device, typename T, typename TargetT>
 class MaskedCeGradOp : public OpKernel {
  public:
   explicit MaskedCeGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -136,8 +196,8 @@ class MaskedCeGradOp : public OpKernel {
     const Tensor& grad_loss = ctx->input(4);
     int64_t rows, num_classes;
     TensorShape loss_shape;
-    if (!ValidateInputs<CPUDevice, T, TargetT>(ctx, y_true, y_pred, MaskedTokenSet{}, &rows,
-                                               &num_classes, &loss_shape) ||
+    if (!ValidateInputs<Device, T, TargetT>(ctx, y_true, y_pred, MaskedTokenSet{}, &rows,
+                                            &num_classes, &loss_shape) ||
         !ValidateRowInput(ctx, row_keep, "row_keep", loss_shape) ||
         !ValidateRowInput(ctx, grad_loss, "grad_loss", loss_shape)) {
       return;
@@ -151,42 +211,64 @@ class MaskedCeGradOp : public OpKernel {
     Tensor* grad_y_pred = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_pred.shape(), &grad_y_pred));
     if (rows == 0) return;
-    CpuMaskedCeGradient(Host(y_true.flat<TargetT>().data()), Host(y_pred.flat<T>().data()),
-                        row_keep.flat<uint8_t>().data(), row_stats.flat<double>().data(),
-                        Host(grad_loss.flat<T>().data()), rows, num_classes, options_,
-                        Host(grad_y_pred->flat<T>().data()), OpThreadPool(ctx));
+    OP_REQUIRES_OK(ctx, (LaunchCeGradient<Device, T, TargetT>(
+                            ctx, y_true.flat<TargetT>().data(), y_pred.flat<T>().data(),
+                            row_keep.flat<uint8_t>().data(), row_stats.flat<double>().data(),
+                            grad_loss.flat<T>().data(), rows, num_classes, options_,
+                            grad_y_pred->flat<T>().data())));
   }
 
  private:
   CeOptions options_{};
 };
 
-#define REGISTER_CE_SPARSE_KERNELS(T, ID)                                         \
+#define REGISTER_CE_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, ID)                    \
   REGISTER_KERNEL_BUILDER(Name("Import_fused_masked_mae>SparseMaskedCrossentropy") \
-                              .Device(::tensorflow::DEVICE_CPU)                   \
+                              .Device(DEVICE_NAME)                                \
                               .TypeConstraint<T>("T")                             \
                               .TypeConstraint<ID>("Tidx"),                        \
-                          MaskedCeOp<T, ID>);                                     \
+                          MaskedCeOp<DEVICE, T, ID>);                             \
   REGISTER_KERNEL_BUILDER(Name("Import_fused_masked_mae>SparseMaskedCrossentropyGrad") \
-                              .Device(::tensorflow::DEVICE_CPU)                   \
+                              .Device(DEVICE_NAME)                                \
                               .TypeConstraint<T>("T")                             \
                               .TypeConstraint<ID>("Tidx"),                        \
-                          MaskedCeGradOp<T, ID>);
-#define REGISTER_CE_KERNELS(T)                                                      \
+                          MaskedCeGradOp<DEVICE, T, ID>);
+#define REGISTER_CE_KERNELS(DEVICE_NAME, DEVICE, T)                                 \
   REGISTER_KERNEL_BUILDER(Name("Import_fused_masked_mae>MaskedCrossentropy")         \
-                              .Device(::tensorflow::DEVICE_CPU)                     \
+                              .Device(DEVICE_NAME)                                  \
                               .TypeConstraint<T>("T"),                              \
-                          MaskedCeOp<T, T>);                                        \
+                          MaskedCeOp<DEVICE, T, T>);                                \
   REGISTER_KERNEL_BUILDER(Name("Import_fused_masked_mae>MaskedCrossentropyGrad")     \
-                              .Device(::tensorflow::DEVICE_CPU)                     \
+                              .Device(DEVICE_NAME)                                  \
                               .TypeConstraint<T>("T"),                              \
-                          MaskedCeGradOp<T, T>);                                    \
-  REGISTER_CE_SPARSE_KERNELS(T, int32_t)                                            \
-  REGISTER_CE_SPARSE_KERNELS(T, int64_t)
-TF_CALL_half(REGISTER_CE_KERNELS);
-TF_CALL_bfloat16(REGISTER_CE_KERNELS);
-TF_CALL_float(REGISTER_CE_KERNELS);
-TF_CALL_double(REGISTER_CE_KERNELS);
+                          MaskedCeGradOp<DEVICE, T, T>);                            \
+  REGISTER_CE_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, int32_t)                       \
+  REGISTER_CE_SPARSE_KERNELS(DEVICE_NAME, DEVICE, T, int64_t)
+#define REGISTER_CE_CPU(T) REGISTER_CE_KERNELS(::tensorflow::DEVICE_CPU, CPUDevice, T)
+TF_CALL_half(REGISTER_CE_CPU);
+TF_CALL_bfloat16(REGISTER_CE_CPU);
+TF_CALL_float(REGISTER_CE_CPU);
+TF_CALL_double(REGISTER_CE_CPU);
+#undef REGISTER_CE_CPU
+
+#if GOOGLE_CUDA
+// As for the masked MAE (masked_mae_kernels.cc): GPU kernels only when the
+// driver can run them (none, or r525+); the masked MAE's registration logs
+// the one warning otherwise. row_stats is device memory like every output.
+namespace {
+const bool ce_gpu_kernels_registered = [] {
+  const cuda::DriverStatus& driver = cuda::Driver();
+  if (driver.state != cuda::DriverState::kOk && driver.version > 0) return false;
+#define REGISTER_CE_GPU(T) REGISTER_CE_KERNELS(::tensorflow::DEVICE_GPU, GPUDevice, T)
+  TF_CALL_half(REGISTER_CE_GPU);
+  TF_CALL_bfloat16(REGISTER_CE_GPU);
+  TF_CALL_float(REGISTER_CE_GPU);
+  TF_CALL_double(REGISTER_CE_GPU);
+#undef REGISTER_CE_GPU
+  return true;
+}();
+}  // namespace
+#endif  // GOOGLE_CUDA
 #undef REGISTER_CE_KERNELS
 #undef REGISTER_CE_SPARSE_KERNELS
 
