@@ -505,7 +505,8 @@ __device__ __forceinline__ void CeGradientStream(const KernelParams& raw_params)
     if (!TargetValid(t, num_classes)) {
       value = Acc(NAN);
     } else if (c.from_logits) {
-      value = LogitsGradientValue(scale, stat0, stat1, pv, SmoothTarget(c, t.template At<Acc>(col)));
+      value = LogitsGradientValue(scale, stat0, Acc(1) / stat1, pv,
+                                  SmoothTarget(c, t.template At<Acc>(col)));
     } else if constexpr (kSparse) {
       value = SparseProbabilityGradientValue(c, scale, stat0, pv, col == t.id);
     } else {

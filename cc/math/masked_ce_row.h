@@ -15,7 +15,7 @@
 //                            = log(sum_c clip(p_c)) - log(clip(p_id))
 //   loss = keep * CE                       (a product: NaN/Inf propagate)
 //   gradients (G = upstream * keep, rounded to T as TensorFlow's Mul gives it):
-//     logits:                G * (exp(z_j - m) / s - t'_j)     (TensorFlow's softmax - labels)
+//     logits:                G * (exp(z_j - m) * (1 / s) - t'_j)  (TensorFlow's softmax - labels)
 //     dense, probabilities:  (a_j ? -(G t'_j) / q_j : 0) / S + G * V / S,
 //                            q = clip(p / S), a_j = [eps <= p_j / S <= 1 - eps], V = sum a_c t'_c
 //     sparse, probabilities: a_j ? G * (c_j / Sc - [j == id]) / c_j : 0,
@@ -109,9 +109,10 @@ MMAE_HOST_DEVICE Acc LogitsCrossEntropy(Acc sum_t, Acc s, Acc w) {
 }
 
 // The gradient's per-element values.
+// softmax_j = exp(z_j - m) * (1 / s): the row's reciprocal once, no division per element.
 template <typename Acc>
-MMAE_HOST_DEVICE Acc LogitsGradientValue(Acc scale, Acc m, Acc s, Acc z, Acc t) {
-  return scale * (DetExp(z - m) / s - t);
+MMAE_HOST_DEVICE Acc LogitsGradientValue(Acc scale, Acc m, Acc inverse_s, Acc z, Acc t) {
+  return scale * (DetExp(z - m) * inverse_s - t);
 }
 
 template <typename Acc>
@@ -365,9 +366,10 @@ inline void ComputeCeRowGradientAs(const TargetRow& y_true, const T* y_pred, int
   const Acc stat0 = static_cast<Acc>(stats[0]);
   const Acc stat1 = static_cast<Acc>(stats[1]);
   const Acc row_term = DenseProbabilityRowTerm(scale, stat0, stat1);
+  const Acc inverse_s = Acc(1) / stat1;
   const auto element = [&](Acc t, Acc p, bool is_target) {
     if constexpr (kLogits) {
-      return LogitsGradientValue(scale, stat0, stat1, p, SmoothTargetIf<kSmoothing>(c, t));
+      return LogitsGradientValue(scale, stat0, inverse_s, p, SmoothTargetIf<kSmoothing>(c, t));
     } else if constexpr (kSparse) {
       return SparseProbabilityGradientValue(c, scale, stat0, p, is_target);
     } else {
