@@ -36,7 +36,8 @@ PKG_DIR="$ROOT/python/fused_masked_mae"
 JOBS="${JOBS:-$(nproc)}"
 
 # What goes into each library (tests/test_bazel_build.py keeps BUILD in step).
-OP_LIBRARY_SOURCES=(cc/tf/masked_mae_ops.cc cc/tf/masked_mae_kernels.cc)
+OP_LIBRARY_SOURCES=(cc/tf/masked_mae_ops.cc cc/tf/masked_mae_kernels.cc cc/tf/masked_ce_ops.cc
+  cc/tf/masked_ce_kernels.cc)
 # The CPU launchers (no TensorFlow headers), linked into both libraries: the
 # dispatcher, then one translation unit per instruction-set variant of the row
 # loops (each sets its own target by pragma; the x86 ones are empty elsewhere).
@@ -45,7 +46,8 @@ CPU_SOURCES=(cc/cpu/masked_mae_cpu.cc cc/cpu/masked_mae_cpu_baseline.cc
 # XLA FFI handlers (custom calls under jit_compile), in the op library; the
 # CUDA ones compile to nothing without GOOGLE_CUDA. They need
 # libtensorflow_cc.so.2 (the FFI API).
-XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc)
+XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc
+  cc/xla/masked_ce_ffi_cpu.cc)
 # Device code only (tools/build_device_code.sh); the host side of the launchers
 # and the driver loader are plain C++ (empty when built without CUDA).
 CUDA_SOURCE=cc/cuda/masked_mae_kernels.cu.cc
@@ -273,6 +275,7 @@ sanitize_suite() {
     "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_parity.py" "$ROOT/tests/test_gradients.py" \
     "$ROOT/tests/test_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py" \
     "$ROOT/tests/test_properties.py" "$ROOT/tests/test_xla.py" "$ROOT/tests/test_front_doors.py" \
+    "$ROOT/tests/test_crossentropy.py" \
     -k "not keras_fit and not saved_model and not fresh_process and not when_imported")
   log "raw-op fuzzer (${FUZZ_CASES:-2000} cases)"
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" "$ROOT/tests/fuzz_raw_ops.py" --cases "${FUZZ_CASES:-2000}")

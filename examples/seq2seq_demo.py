@@ -45,6 +45,10 @@ What this script does:
        cce        categorical cross-entropy, END padding (what a practitioner
                   would reach for)
        cce+fix1   categorical cross-entropy with fix 1's padding and mask;
+       cce+3      the seed's mask on cross-entropy: MaskedCrossentropy(START, END)
+                  (fused), END padding: a position costs nothing when target
+                  and prediction agree on START or END
+       cce+fix1+3 MaskedCrossentropy with fix 1's padding, mask and weights;
   3. after every epoch decodes the held-out sources greedily (encoder states,
      then one decoder step at a time feeding back the argmax, as in the blog)
      and reads each prediction up to its first END (everything after it counts
@@ -67,6 +71,8 @@ Run (the package installed, or PYTHONPATH pointing at it):
     python examples/seq2seq_demo.py              # default: vocab 300, 10000 sequences, 10 epochs
     python examples/seq2seq_demo.py --quick      # small run (vocab 100), for tests and a first look
     python examples/seq2seq_demo.py --configs mae,fix3,cce --epochs 5 --out /tmp/demo
+    python examples/seq2seq_demo.py --seeds 0,1,2  # every configuration per seed, then a table
+                                                   # of mean, standard deviation and range
     ./build.sh demo [args]                       # default mode against the built wheel, writes
                                                  # build/demo/demo_results.{png,json}
 """
@@ -87,7 +93,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import fused_masked_mae  # noqa: E402
-from fused_masked_mae import MaskedMAE  # noqa: E402
+from fused_masked_mae import MaskedCrossentropy, MaskedMAE  # noqa: E402
 
 # Token ids. 0 pads the encoder input (masked there) and, for fix 1, the target
 # sequence after END. With --vocab 1549 START and END are the Q&A's 2 and 1548.
@@ -123,7 +129,10 @@ CONFIGS = {
     "fix2+3": ("masked_mae", False, True, "MaskedMAE + fix 2"),
     "cce": ("cce", False, False, "categorical cross-entropy"),
     "cce+fix1": ("cce", True, False, "categorical cross-entropy + fix 1"),
+    "cce+3": ("masked_cce", False, False, "cce + the seed's mask: MaskedCrossentropy(START, END)"),
+    "cce+fix1+3": ("masked_cce", True, False, "MaskedCrossentropy + fix 1"),
 }
+CCE_FAMILY = ["cce", "cce+fix1", "cce+3", "cce+fix1+3"]
 MAE_FAMILY = ["mae", "fix1", "fix2", "fix3", "fix1+3", "fix2+3"]
 
 
@@ -134,6 +143,8 @@ def make_loss(kind, end_token):
         return MaskedMAE(start_token=START, end_token=end_token)
     if kind == "cce":
         return keras.losses.CategoricalCrossentropy()
+    if kind == "masked_cce":
+        return MaskedCrossentropy(start_token=START, end_token=end_token)
     raise ValueError(kind)
 
 
@@ -398,9 +409,11 @@ def conclusion(results, target_end_share):
                     + _change(final["mae"]["end_share"], final[name]["end_share"], "END share")
                     + "."
                 )
-    for combo, base in (("fix1+3", "fix1"), ("fix2+3", "fix2"), ("cce+fix1", "cce")):
+    for combo, base in (("fix1+3", "fix1"), ("fix2+3", "fix2"), ("cce+fix1", "cce"),
+                        ("cce+3", "cce"), ("cce+fix1+3", "cce+fix1")):
         if combo in final and base in final:
-            added = "fix 1" if combo == "cce+fix1" else "MaskedMAE"
+            added = {"cce+fix1": "fix 1", "cce+3": "the seed's mask",
+                     "cce+fix1+3": "the seed's mask"}.get(combo, "MaskedMAE")
             lines.append(
                 f"Adding {added} to {base} ({combo}): "
                 + _change(final[base]["non_end_acc"], final[combo]["non_end_acc"], "non-END acc")
@@ -409,7 +422,7 @@ def conclusion(results, target_end_share):
                 + "."
             )
     mae_family = [n for n in MAE_FAMILY if n in final]
-    cce_family = [n for n in ("cce", "cce+fix1") if n in final]
+    cce_family = [n for n in CCE_FAMILY if n in final]
     best = lambda names: max(names, key=lambda n: (final[n]["non_end_acc"], final[n]["exact"]))  # noqa: E731
     if mae_family:
         b = best(mae_family)
@@ -548,6 +561,11 @@ def parse_args(argv):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--seeds",
+        help="comma list of seeds: run every configuration once per seed (each seed's "
+        "outputs in OUT/seed<k>/), then print a table of mean, standard deviation and range",
+    )
+    parser.add_argument(
         "--out",
         default="demo_output",
         help="directory for demo_results.png and demo_results.json (default: ./demo_output)",
@@ -570,11 +588,70 @@ def parse_args(argv):
     if not names:
         parser.error("--configs is empty")
     config.update(configs=names, seed=args.seed)
+    if args.seeds:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            parser.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+        if not seeds or len(set(seeds)) != len(seeds):
+            parser.error("--seeds must list distinct integers")
+        config["seeds"] = seeds
     return config, args.out
+
+
+SEEDS_COLUMNS = ["config", "setup", "END share", "non-END acc", "exact"]
+
+
+def seeds_table(per_seed):
+    """Mean ± standard deviation [min, max] over seeds, per configuration (markdown)."""
+    seeds = list(per_seed)
+    names = list(per_seed[seeds[0]]["results"])
+    lines = [
+        f"| {' | '.join(SEEDS_COLUMNS)} |",
+        "| " + " | ".join(["---"] * 2 + ["---:"] * (len(SEEDS_COLUMNS) - 2)) + " |",
+    ]
+    summary = {}
+    for name in names:
+        cells = [f"`{name}`", per_seed[seeds[0]]["results"][name]["description"]]
+        summary[name] = {}
+        for key in ("end_share", "non_end_acc", "exact"):
+            values = np.array([per_seed[s]["results"][name]["final"][key] for s in seeds])
+            summary[name][key] = {"mean": float(values.mean()), "std": float(values.std(ddof=0)),
+                                  "min": float(values.min()), "max": float(values.max()),
+                                  "values": [float(v) for v in values]}
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=0):.3f} "
+                         f"[{values.min():.3f}, {values.max():.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
 
 
 def main(argv=None):
     config, out_dir = parse_args(sys.argv[1:] if argv is None else argv)
+    seeds = config.pop("seeds", None)
+    if not seeds:
+        return run(config, out_dir)
+    per_seed = {}
+    for seed in seeds:
+        print(f"\n######## seed {seed} ({seeds.index(seed) + 1}/{len(seeds)}) ########",
+              flush=True)
+        per_seed[seed] = run(dict(config, seed=seed), os.path.join(out_dir, f"seed{seed}"))
+    table, summary = seeds_table(per_seed)
+    record = {"seeds": seeds, "config": dict(config, seeds=seeds), "summary": summary,
+              "table": table,
+              "seconds": {s: per_seed[s]["seconds_after_imports"] for s in seeds}}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(out_dir, "demo_seeds.json"))
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"\nover seeds {', '.join(map(str, seeds))} (held-out, greedy, after "
+          f"{config['epochs']} epochs): mean ± standard deviation [min, max]\n")
+    print(table)
+    print(f"\nwrote {path}", flush=True)
+    return record
+
+
+def run(config, out_dir):
+    """One seed: every configuration, the table, the conclusion and the outputs."""
     vocab = config["vocab"]
     end = end_token_for(vocab)
     started = time.perf_counter()

@@ -109,6 +109,28 @@ def run_core(out):
             loss, keep = _core.forward(targets, y_pred, tokens, sparse, True)
             grad = _core.gradient(targets, y_pred, grad_loss, sparse=sparse, row_keep=keep)
             out[key + "_loss"], out[key + "_keep"], out[key + "_grad"] = loss, keep, grad
+            # The masked cross-entropy, from logits and from probabilities
+            # (y_pred as given: special values, negative "probabilities" too).
+            for from_logits in (True, False):
+                smoothing = 0.0 if sparse else 0.1
+                ce_key = f"{key}_ce{int(from_logits)}"
+                loss, keep, stats = _core.ce_forward(targets, y_pred, tokens, sparse, from_logits,
+                                                     smoothing, 1e-7, True)
+                grad = _core.ce_gradient(targets, y_pred, grad_loss, sparse=sparse,
+                                         from_logits=from_logits, label_smoothing=smoothing,
+                                         row_keep=keep, row_stats=stats)
+                out[ce_key + "_loss"], out[ce_key + "_keep"] = loss, keep
+                out[ce_key + "_stats"], out[ce_key + "_grad"] = stats, grad
+    # The deterministic exp/log over float32 bit patterns and float64 values.
+    rng = np.random.default_rng(5)
+    x32 = np.concatenate([rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+                          .view(np.float32), np.linspace(-110, 95, 20001, dtype=np.float32),
+                          special_values(np.float32)])
+    x64 = np.concatenate([rng.integers(0, 2**63, 100_000, dtype=np.uint64).view(np.float64),
+                          -rng.integers(0, 2**63, 100_000, dtype=np.uint64).view(np.float64),
+                          np.linspace(-760, 720, 20001), special_values(np.float64)])
+    for name, x in (("det32", x32), ("det64", x64)):
+        out[name + "_exp"], out[name + "_log"] = _core.det_exp_log(x)
     return _core.cpu_isa()
 
 
@@ -131,6 +153,21 @@ def run_tf(out):
             grad = gradient(targets, p, g, row_keep=keep)
             out[f"{name}_{kind}_loss"], out[f"{name}_{kind}_keep"] = loss.numpy(), keep.numpy()
             out[f"{name}_{kind}_grad"] = grad.numpy()
+        for from_logits in (True, False):
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = fm.crossentropy.masked_crossentropy_tokens(t, p, tokens, from_logits, 0.1)
+            dp = tape.gradient(loss, p, output_gradients=g)
+            out[f"{name}_ce{int(from_logits)}_loss"] = loss.numpy()
+            out[f"{name}_ce{int(from_logits)}_dp"] = dp.numpy()
+            ids64 = tf.constant(ids.astype(np.int64))
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = fm.crossentropy.sparse_masked_crossentropy_tokens(ids64, p, tokens,
+                                                                         from_logits)
+            dp = tape.gradient(loss, p, output_gradients=g)
+            out[f"{name}_sce{int(from_logits)}_loss"] = loss.numpy()
+            out[f"{name}_sce{int(from_logits)}_dp"] = dp.numpy()
         with tf.GradientTape() as tape:  # the registered gradient, both inputs
             tape.watch([t, p])
             loss = fm.masked_mae_tokens(t, p, tokens)

@@ -1,4 +1,5 @@
-"""A fuzzer of the raw ops (forward, gradient, sparse) and of _core, run under
+"""A fuzzer of the raw ops (forward, gradient, sparse; the masked MAE's and the
+masked cross-entropy's) and of _core and the XLA handlers, run under
 the sanitizers by `./build.sh sanitize`.
 
 Each case draws shapes (zero-sized dimensions, mismatches, rank 0), dtypes
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from fused_masked_mae import _core
 from fused_masked_mae import xla as fm_xla
+from fused_masked_mae._loader import ops_library
 from raw_ops import raw_forward, raw_grad, raw_sparse_forward, raw_sparse_grad
 
 EXPECTED_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
@@ -36,7 +38,88 @@ def draw_tensor(rng, shape, dtype):
     return tf.constant(rng.choice(VALUES, size=shape), dtype)
 
 
+def one_ce_case(rng):
+    """The masked cross-entropy's entry points: raw forward/gradient ops
+    (dense, sparse), _core, and the XLA handlers, with valid and invalid
+    options, ids, tokens and per-row inputs."""
+    shape = draw_shape(rng)
+    dtype = FLOATS[rng.integers(len(FLOATS))] if rng.random() < 0.95 else tf.int32
+    classes = shape[-1] if shape and shape[-1] > 0 else 1
+    loss_shape = shape[:-1] if shape else []
+    sparse = rng.random() < 0.4
+    options = dict(from_logits=bool(rng.random() < 0.5),
+                   epsilon=float(rng.choice([1e-7, 1e-7, 1e-3, 0.0])))
+    smoothing = float(rng.choice([0.0, 0.0, 0.1, 1.5]))
+    if not sparse:
+        options["label_smoothing"] = smoothing
+    tokens = [int(t) for t in rng.integers(0 if rng.random() < 0.95 else -1,
+                                           classes if rng.random() < 0.85 else 70,
+                                           size=int(rng.integers(0, 4)))]
+    y_pred = draw_tensor(rng, shape, dtype)
+    if sparse:
+        ids_shape = loss_shape if rng.random() < 0.85 else draw_shape(rng)
+        y_true = draw_tensor(rng, ids_shape, tf.int32 if rng.random() < 0.5 else tf.int64)
+        if shape and shape[-1] > 0 and rng.random() < 0.7:
+            y_true = tf.constant(rng.integers(0, shape[-1], size=ids_shape), y_true.dtype)
+    else:
+        y_true = draw_tensor(rng, shape if rng.random() < 0.85 else draw_shape(rng), dtype)
+    grad_loss = draw_tensor(rng, loss_shape if rng.random() < 0.85 else draw_shape(rng), dtype)
+    row_keep = tf.constant(rng.integers(0, 256, size=loss_shape if rng.random() < 0.9
+                                        else draw_shape(rng)), tf.uint8)
+    stats_shape = loss_shape + [2] if rng.random() < 0.9 else draw_shape(rng)
+    row_stats = tf.constant(rng.choice(VALUES, size=stats_shape), tf.float64)
+    kind = rng.choice(["op", "op_grad", "core", "core_grad", "xla", "xla_grad"])
+    name = "sparse_masked_crossentropy" if sparse else "masked_crossentropy"
+    targets = {"y_true_ids" if sparse else "y_true": y_true}
+    try:
+        if kind == "op":
+            out = getattr(ops_library, "import_fused_masked_mae_" + name)(
+                **targets, y_pred=y_pred, masked_tokens=tokens, **options)
+            assert out[0].shape == loss_shape and out[2].shape == loss_shape + [2]
+        elif kind == "op_grad":
+            out = getattr(ops_library, "import_fused_masked_mae_" + name + "_grad")(
+                **targets, y_pred=y_pred, row_keep=row_keep, row_stats=row_stats,
+                grad_loss=grad_loss, **options)
+            assert out.shape == shape
+        elif kind in ("core", "core_grad"):
+            args = dict(sparse=sparse, from_logits=options["from_logits"],
+                        label_smoothing=smoothing, epsilon=options["epsilon"])
+            if kind == "core":
+                out = _core.ce_forward(y_true.numpy(), y_pred.numpy(), tokens, **args)
+                assert list(out.shape) == loss_shape
+            else:
+                with_stats = rng.random() < 0.5
+                out = _core.ce_gradient(
+                    y_true.numpy(), y_pred.numpy(), grad_loss.numpy(),
+                    [] if with_stats else tokens, **args,
+                    row_keep=row_keep.numpy() if with_stats else None,
+                    row_stats=row_stats.numpy() if with_stats else None)
+                assert list(out.shape) == shape
+        else:
+            attrs = (f"from_logits = {int(options['from_logits'])} : i64, "
+                     f"label_smoothing = {smoothing:.9e} : f32, "
+                     f"epsilon = {options['epsilon']:.9e} : f32")
+            platforms = fm_xla.CE_REGISTERED_PLATFORMS
+            if kind == "xla":
+                attr = "masked_tokens = array<i64" + (
+                    ": " + ", ".join(map(str, tokens)) if tokens else "") + ">, " + attrs
+                out = fm_xla._call(fm_xla.CE_FORWARD_TARGETS[sparse], [y_true, y_pred],
+                                   [(loss_shape, dtype), (loss_shape, tf.uint8),
+                                    (stats_shape, tf.float64)], attr, platforms)
+                assert out[0].shape.as_list() == loss_shape
+            else:
+                out = fm_xla._call(fm_xla.CE_GRAD_TARGETS[sparse],
+                                   [y_true, y_pred, row_keep, row_stats, grad_loss],
+                                   [(shape, dtype)], attrs, platforms)
+                assert out[0].shape.as_list() == shape
+        return "ok"
+    except EXPECTED_ERRORS:
+        return "rejected"
+
+
 def one_case(rng):
+    if rng.random() < 0.35:
+        return one_ce_case(rng)
     shape = draw_shape(rng)
     other = shape if rng.random() < 0.8 else draw_shape(rng)
     dtype = FLOATS[rng.integers(len(FLOATS))] if rng.random() < 0.95 else tf.int32

@@ -67,3 +67,45 @@ def crafted_rows(num_classes=4):
     ]
     assert num_classes == 4
     return np.array(rows, dtype=np.float64)
+
+
+# --- the masked cross-entropy (Keras 3's categorical_crossentropy with the mask) ---
+
+
+@np.errstate(all="ignore")
+def crossentropy(y_true, y_pred, tokens, from_logits=False, label_smoothing=0.0, epsilon=1e-7,
+                 sparse=False):
+    """cond * CE in float64, rounded once to y_pred's dtype. sparse: y_true
+    holds class ids. CE as Keras' TensorFlow backend defines it (see
+    python/fused_masked_mae/crossentropy.py)."""
+    dtype = np.asarray(y_pred).dtype
+    z = np.asarray(y_pred).astype(np.float64)
+    num_classes = z.shape[-1]
+    if sparse:
+        ids = np.asarray(y_true).astype(np.int64)
+        t = np.zeros(z.shape)
+        np.put_along_axis(t, ids[..., None], 1.0, axis=-1)
+        t_argmax = ids
+    else:
+        t = np.asarray(y_true).astype(np.float64)
+        t_argmax = tf_argmax(y_true)
+        if label_smoothing:
+            t = t * (1 - label_smoothing) + label_smoothing / num_classes
+    p_argmax = tf_argmax(y_pred)
+    masked = (t_argmax == p_argmax) & np.isin(t_argmax, np.asarray(list(tokens), np.int64))
+    cond = np.where(masked, 0.0, 1.0)
+    if from_logits:
+        m = np.max(z, axis=-1, keepdims=True)
+        log_softmax = z - m - np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+        if sparse:
+            ce = -np.take_along_axis(log_softmax, ids[..., None], axis=-1)[..., 0]
+        else:
+            ce = -np.sum(t * log_softmax, axis=-1)
+    elif sparse:
+        clipped = np.clip(z, epsilon, 1 - epsilon)
+        ce = np.log(clipped.sum(-1)) - np.log(np.take_along_axis(clipped, ids[..., None],
+                                                                 axis=-1)[..., 0])
+    else:
+        q = np.clip(z / z.sum(-1, keepdims=True), epsilon, 1 - epsilon)
+        ce = -np.sum(t * np.log(q), axis=-1)
+    return (cond * ce).astype(dtype)

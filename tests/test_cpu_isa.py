@@ -1,5 +1,6 @@
 """The CPU kernels' instruction-set variants (baseline x86-64, AVX2+FMA+F16C,
-AVX-512) give bit-identical results, and FUSED_MASKED_MAE_CPU_ISA chooses one.
+AVX-512) give bit-identical results (the masked MAE, the masked cross-entropy
+and its exp/log), and FUSED_MASKED_MAE_CPU_ISA chooses one.
 
 The variant is chosen once per process, so each is run in a subprocess
 (tests/cpu_isa_worker.py) with the environment variable set, through _core and
@@ -76,6 +77,14 @@ def test_variant_is_bit_identical_to_baseline(outputs, front_door, isa):
     for needle in ("float16_C1_", "bfloat16_C32000", "float32_C1549_unaligned", "float64_C17"):
         assert any(k.startswith(needle) for k in keys), needle
     assert any(k.endswith("_keep") for k in keys) and any(k.endswith("_grad") for k in keys)
+    # The masked cross-entropy (from logits and from probabilities, dense and
+    # sparse) and, through _core, the deterministic exp/log are compared too.
+    assert any("_ce1_" in k for k in keys) and any("_ce0_" in k for k in keys)
+    if front_door == "core":
+        assert {"det32_exp", "det32_log", "det64_exp", "det64_log"} <= set(keys)
+        assert any(k.endswith("_ce1_stats") for k in keys)
+    else:
+        assert any("_sce1_" in k for k in keys) and any("_sce0_" in k for k in keys)
     differing = [k for k in keys if baseline[k].dtype != variant[k].dtype
                  or not np.array_equal(baseline[k], variant[k])]
     assert differing == [], f"{isa} differs from baseline in {differing[:10]}"

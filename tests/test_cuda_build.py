@@ -201,12 +201,18 @@ def test_ptx_isa_is_at_most_8_0(library):
 @pytest.mark.parametrize("library", LIBRARIES, ids=LIBRARY_IDS)
 def test_every_image_has_exactly_the_kernels_the_launchers_look_up(library):
     expected = set(_core.kernel_names())
+    # The masked MAE's kernels and the masked cross-entropy's twins, one each.
+    mae = {n for n in expected if n.startswith("fused_masked_mae_")}
+    ce = {n for n in expected if n.startswith("fused_masked_ce_")}
+    assert mae and len(ce) == len(mae) == len(expected) / 2
+    assert {"fused_masked_ce_fwd_f32_dense_g0", "fused_masked_ce_grad_bf16_i64"} <= ce
     cubins, ptxs = images(library)
     for sm, blob in cubins.items():
-        found = {n for n in _function_symbols(blob) if n.startswith("fused_masked_mae_")}
+        found = {n for n in _function_symbols(blob)
+                 if n.startswith(("fused_masked_mae_", "fused_masked_ce_"))}
         assert found == expected, (sm, sorted(found ^ expected)[:10])
     for sm, text in ptxs.items():
-        found = set(re.findall(r"\.entry (fused_masked_mae_\w+)\(", text))
+        found = set(re.findall(r"\.entry (fused_masked_(?:mae|ce)_\w+)\(", text))
         assert found == expected, (sm, sorted(found ^ expected)[:10])
 
 
@@ -242,7 +248,11 @@ def test_gpu_kernels_are_registered_for_every_dtype():
         pytest.skip("this machine's driver is below the minimum: GPU kernels are not registered")
     for op in ("Import_fused_masked_mae>MaskedMae", "Import_fused_masked_mae>MaskedMaeGrad",
                "Import_fused_masked_mae>SparseMaskedMae",
-               "Import_fused_masked_mae>SparseMaskedMaeGrad"):
+               "Import_fused_masked_mae>SparseMaskedMaeGrad",
+               "Import_fused_masked_mae>MaskedCrossentropy",
+               "Import_fused_masked_mae>MaskedCrossentropyGrad",
+               "Import_fused_masked_mae>SparseMaskedCrossentropy",
+               "Import_fused_masked_mae>SparseMaskedCrossentropyGrad"):
         registered = kernels.get_registered_kernels_for_op(op).kernel
         gpu_types = {
             t for k in registered if k.device_type == "GPU"

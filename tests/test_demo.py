@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 DEMO = pathlib.Path(__file__).resolve().parents[1] / "examples" / "seq2seq_demo.py"
-CONFIGS = ["mae", "fix1", "fix2", "fix3", "fix1+3", "fix2+3", "cce", "cce+fix1"]
+CONFIGS = ["mae", "fix1", "fix2", "fix3", "fix1+3", "fix2+3", "cce", "cce+fix1", "cce+3",
+           "cce+fix1+3"]
 QUICK_EPOCHS = 7
 TABLE_HEADER = "| config | setup | END share | non-END acc | exact | final loss | s/epoch (median) |"
 
@@ -117,8 +118,12 @@ def test_quick_writes_json_with_finite_numbers_and_a_png(quick_run):
         assert r["final"] == history[-1]
         assert len(r["epoch_seconds"]) == QUICK_EPOCHS
         # Our fused loss wherever a configuration uses ours.
-        expected = {"mae": "MeanAbsoluteError", "masked_mae": "MaskedMAE", "cce": "CategoricalCrossentropy"}
-        kind = "masked_mae" if "3" in name else "cce" if name.startswith("cce") else "mae"
+        expected = {"mae": "MeanAbsoluteError", "masked_mae": "MaskedMAE",
+                    "cce": "CategoricalCrossentropy", "masked_cce": "MaskedCrossentropy"}
+        if name.startswith("cce"):
+            kind = "masked_cce" if "3" in name else "cce"
+        else:
+            kind = "masked_mae" if "3" in name else "mae"
         assert r["loss_class"] == expected[kind], name
         assert r["mask_zero"] == ("fix1" in name)
 
@@ -200,3 +205,24 @@ def test_conclusion_is_written_from_the_numbers(demo):
     assert "cross-entropy learns the task better than every MAE-based setup here" in text
     assert "fix3: END share 0.010" in text and "almost never predicts END" in text
     assert "Best MAE-based configuration: fix3" in text and "even it learns almost no tokens" in text
+
+
+def test_seeds_table_reports_mean_spread_and_range(demo):
+    def record(values):
+        return {"results": {name: {"description": name.upper(), "final": {
+            "end_share": v, "non_end_acc": v / 2, "exact": v / 4}} for name, v in values.items()}}
+
+    per_seed = {0: record({"cce": 0.5, "cce+3": 0.8}), 3: record({"cce": 0.7, "cce+3": 0.6})}
+    table, summary = demo.seeds_table(per_seed)
+    lines = table.splitlines()
+    assert lines[0] == "| config | setup | END share | non-END acc | exact |"
+    assert lines[2] == ("| `cce` | CCE | 0.600 ± 0.100 [0.500, 0.700] | 0.300 ± 0.050 "
+                        "[0.250, 0.350] | 0.150 ± 0.025 [0.125, 0.175] |")
+    assert summary["cce+3"]["end_share"]["values"] == [0.8, 0.6]
+    assert summary["cce+3"]["exact"]["mean"] == pytest.approx(0.175)
+
+
+def test_rejects_bad_seeds(tmp_path):
+    proc = run_demo(["--seeds", "0,x", "--out", str(tmp_path)], cwd=tmp_path, timeout=240)
+    assert proc.returncode == 2
+    assert "--seeds must be a comma list of integers" in proc.stderr

@@ -105,9 +105,22 @@ def test_detection_of_xla_contexts():
 
 def test_every_handler_registered_for_the_cpu():
     report = fm_xla.registration_report()
-    assert set(report["Host"]) == fm_xla.ALL_TARGETS
+    # The masked MAE's four handlers and the masked cross-entropy's four.
+    assert set(report["Host"]) == fm_xla.ALL_TARGETS | fm_xla.CE_TARGETS
     assert all(error is None for error in report["Host"].values()), report
     assert "Host" in fm_xla.REGISTERED_PLATFORMS
+    assert "Host" in fm_xla.CE_REGISTERED_PLATFORMS
+
+
+def test_a_failed_cpu_crossentropy_registration_is_an_import_error():
+    ok = {target: None for target in fm_xla.ALL_TARGETS | fm_xla.CE_TARGETS}
+    grad = fm_xla.CE_GRAD_TARGETS[True]
+    with pytest.raises(ImportError, match=re.escape(f"{grad}: error: already registered")):
+        fm_xla.check_ce_registrations({"Host": dict(ok, **{grad: "error: already registered"})})
+    # The masked MAE's platforms do not depend on the cross-entropy's handlers.
+    assert fm_xla.check_registrations({"Host": dict(ok, **{grad: "error: x"})}) == ["Host"]
+    assert fm_xla.check_ce_registrations({"Host": ok, "CUDA": {
+        t: None for t in fm_xla.ALL_TARGETS}}) == ["Host"]
 
 
 def test_a_failed_cpu_registration_is_an_import_error_and_cuda_a_warning(caplog):

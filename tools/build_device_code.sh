@@ -29,7 +29,7 @@ mkdir -p "$DIR"
 
 if [[ "${DEVICE_COMPILER:-clang}" == nvcc ]]; then
   device_compile() {  # ARCH OUTPUT KIND(cubin|ptx)
-    "${NVCC:-nvcc}" -x cu -std=c++17 -O3 -I"$INCLUDE" --"$3" -arch="sm_$1" "$SRC" -o "$2"
+    "${NVCC:-nvcc}" -x cu -std=c++17 -O3 -fmad=false -I"$INCLUDE" --"$3" -arch="sm_$1" "$SRC" -o "$2"
   }
 else
   : "${CUDA_PATH:?CUDA_PATH must name the CUDA 12 folder (see build.sh)}"
@@ -37,7 +37,7 @@ else
     local kind=-c
     [[ "$3" == ptx ]] && kind=-S
     "${CUDA_CLANG:-clang++-19}" -x cuda -std=c++17 -O3 --cuda-path="$CUDA_PATH" \
-      -Wno-unknown-cuda-version --cuda-feature=+ptx80 --cuda-device-only \
+      -Wno-unknown-cuda-version --cuda-feature=+ptx80 --cuda-device-only -ffp-contract=off \
       --cuda-gpu-arch="sm_$1" -I"$INCLUDE" "$kind" "$SRC" -o "$2"
   }
 fi

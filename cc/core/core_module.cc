@@ -236,6 +236,128 @@ py::array Gradient(const py::array& y_true_in, const py::array& y_pred_in,
   });
 }
 
+// --- Masked cross-entropy (CPU) ----------------------------------------------
+
+CeOptions MakeCeOptions(bool from_logits, double label_smoothing, double epsilon, bool sparse) {
+  const CeOptions options{from_logits ? 1 : 0, static_cast<float>(label_smoothing),
+                          static_cast<float>(epsilon)};
+  const std::string invalid = InvalidCeOptionsMessage(options, sparse);
+  if (!invalid.empty()) Fail(invalid);
+  return options;
+}
+
+// Runs the CPU cross-entropy forward; returns the loss, or (loss, row_keep,
+// row_stats) with return_stats.
+py::object CeForward(const py::array& y_true, const py::array& y_pred,
+                     const std::vector<int64_t>& masked_tokens, bool sparse, bool from_logits,
+                     double label_smoothing, double epsilon, bool return_stats) {
+  const RowView view = CheckTargets(y_true, y_pred, sparse);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  const CeOptions options = MakeCeOptions(from_logits, label_smoothing, epsilon, sparse);
+  CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
+  const std::vector<int64_t> loss_shape = LossShape(y_pred);
+  std::vector<int64_t> stats_shape = loss_shape;
+  stats_shape.push_back(kCeRowStats);
+  py::array_t<uint8_t> row_keep(loss_shape);
+  py::array_t<double> row_stats(stats_shape);
+  py::array loss = DispatchCpuDtype(y_pred, [&](auto zero) {
+    using T = decltype(zero);
+    py::array out(y_pred.dtype(), loss_shape);
+    const T* p = static_cast<const T*>(y_pred.data());
+    T* o = static_cast<T*>(out.mutable_data());
+    uint8_t* keep = row_keep.mutable_data();
+    double* stats = row_stats.mutable_data();
+    WithTargets<T>(y_true, sparse, [&](const auto* targets) {
+      py::gil_scoped_release release;
+      CpuMaskedCeForward(targets, p, view.rows, view.num_classes, tokens, options, o, keep,
+                         stats, SerialFor);
+      return 0;
+    });
+    return out;
+  });
+  if (return_stats) return py::make_tuple(loss, row_keep, row_stats);
+  return std::move(loss);
+}
+
+// The cross-entropy's gradient from the forward's row_keep and row_stats, or
+// (both None) from masked_tokens, running the forward first.
+py::array CeGradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
+                     const std::vector<int64_t>& masked_tokens, bool sparse, bool from_logits,
+                     double label_smoothing, double epsilon, const py::object& row_keep,
+                     const py::object& row_stats) {
+  const RowView view = CheckTargets(y_true, y_pred, sparse);
+  const CeOptions options = MakeCeOptions(from_logits, label_smoothing, epsilon, sparse);
+  const std::vector<int64_t> loss_shape = LossShape(y_pred);
+  if (ShapeOf(grad_loss) != loss_shape) {
+    Fail("grad_loss must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
+         ShapeString(ShapeOf(grad_loss)));
+  }
+  CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
+  CheckCpuArray(grad_loss, "grad_loss", y_pred.dtype());
+  py::array keep, stats;
+  if (row_keep.is_none() != row_stats.is_none()) {
+    Fail("pass both row_keep and row_stats (from ce_forward(..., return_stats=True)) or neither");
+  }
+  if (row_keep.is_none()) {
+    const py::tuple forward = CeForward(y_true, y_pred, masked_tokens, sparse, from_logits,
+                                        label_smoothing, epsilon, true);
+    keep = forward[1];
+    stats = forward[2];
+  } else {
+    if (!masked_tokens.empty()) {
+      Fail("pass masked_tokens or row_keep, not both: row_keep already says which rows are "
+           "masked");
+    }
+    keep = row_keep.cast<py::array>();
+    stats = row_stats.cast<py::array>();
+    std::vector<int64_t> stats_shape = loss_shape;
+    stats_shape.push_back(kCeRowStats);
+    if (ShapeOf(keep) != loss_shape) {
+      Fail("row_keep must have the shape of the loss " + ShapeString(loss_shape) + ", got " +
+           ShapeString(ShapeOf(keep)));
+    }
+    if (ShapeOf(stats) != stats_shape) {
+      Fail("row_stats must have the shape " + ShapeString(stats_shape) + ", got " +
+           ShapeString(ShapeOf(stats)));
+    }
+    CheckCpuArray(keep, "row_keep", py::dtype::of<uint8_t>());
+    CheckCpuArray(stats, "row_stats", py::dtype::of<double>());
+  }
+  return DispatchCpuDtype(y_pred, [&](auto zero) {
+    using T = decltype(zero);
+    py::array grad(y_pred.dtype(), ShapeOf(y_pred));
+    const T* p = static_cast<const T*>(y_pred.data());
+    const T* g = static_cast<const T*>(grad_loss.data());
+    const uint8_t* k = static_cast<const uint8_t*>(keep.data());
+    const double* st = static_cast<const double*>(stats.data());
+    T* out = static_cast<T*>(grad.mutable_data());
+    WithTargets<T>(y_true, sparse, [&](const auto* targets) {
+      py::gil_scoped_release release;
+      CpuMaskedCeGradient(targets, p, k, st, g, view.rows, view.num_classes, options, out,
+                          SerialFor);
+      return 0;
+    });
+    return grad;
+  });
+}
+
+// DetExp and DetLog of the CPU variant in use, elementwise (float32/float64).
+py::tuple DetExpLog(const py::array& x) {
+  if (!(x.flags() & py::array::c_style)) Fail("x must be C-contiguous");
+  const std::string name = py::str(x.dtype().attr("name"));
+  py::array e(x.dtype(), ShapeOf(x)), l(x.dtype(), ShapeOf(x));
+  if (name == "float32") {
+    CpuDetExpLog(static_cast<const float*>(x.data()), x.size(),
+                 static_cast<float*>(e.mutable_data()), static_cast<float*>(l.mutable_data()));
+  } else if (name == "float64") {
+    CpuDetExpLog(static_cast<const double*>(x.data()), x.size(),
+                 static_cast<double*>(e.mutable_data()), static_cast<double*>(l.mutable_data()));
+  } else {
+    throw py::type_error("x must be float32 or float64, got " + name);
+  }
+  return py::make_tuple(e, l);
+}
+
 // --- Memory bandwidth probe (for the benchmarks) ------------------------------
 
 // Best-of-`repeats` bandwidth in GB/s of `threads` threads streaming over
@@ -325,12 +447,25 @@ const char* sparse_name(const std::string& id_dtype) {
 
 // The forward (grad_loss unused; row_keep written when not 0) or the gradient
 // launch (masked_tokens unused; row_keep read), dense or sparse.
+// ce: the masked cross-entropy's launch (options, and row_stats: written by
+// the forward unless 0, read by the gradient) instead of the masked MAE's.
+struct CudaCe {
+  bool enabled = false;
+  CeOptions options{};
+  uintptr_t row_stats = 0;
+};
+
 void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep,
                 uintptr_t grad_loss, uintptr_t out, const std::vector<int64_t>& shape,
                 const std::string& dtype, const std::vector<int64_t>& masked_tokens,
-                uintptr_t stream, const std::string& id_dtype) {
+                uintptr_t stream, const std::string& id_dtype, const CudaCe& ce = CudaCe{}) {
   const RowView view = CheckRowShape(shape);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  if (ce.enabled) {
+    const std::string invalid = InvalidCeOptionsMessage(ce.options, !id_dtype.empty());
+    if (!invalid.empty()) Fail(invalid);
+    if (gradient) CheckCudaPointer(ce.row_stats, "row_stats", view.rows);
+  }
   CheckCudaPointer(y_true, "y_true", view.rows);
   CheckCudaPointer(y_pred, "y_pred", view.rows);
   if (gradient) {
@@ -347,7 +482,7 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
   const int device = DeviceOf(y_pred, "y_pred");
   const std::pair<const char*, uintptr_t> others[] = {
       {sparse_name(id_dtype), y_true}, {"row_keep", row_keep}, {"grad_loss", grad_loss},
-      {gradient ? "grad_y_pred" : "loss", out}};
+      {gradient ? "grad_y_pred" : "loss", out}, {"row_stats", ce.row_stats}};
   for (const auto& [name, ptr] : others) {
     if (ptr == 0) continue;  // grad_loss of the forward, row_keep not asked for
     const int other = DeviceOf(ptr, name);
@@ -376,6 +511,14 @@ void CudaLaunch(bool gradient, uintptr_t y_true, uintptr_t y_pred, uintptr_t row
       T* o = reinterpret_cast<T*>(out);
       const auto s = reinterpret_cast<cudaStream_t>(stream);
       const int64_t rows = view.rows, classes = view.num_classes;
+      double* stats = reinterpret_cast<double*>(ce.row_stats);
+      if (ce.enabled) {
+        if (gradient) {
+          return LaunchMaskedCeGradient(targets, p, k, stats, g, rows, classes, ce.options, o, s);
+        }
+        return LaunchMaskedCeForward(targets, p, rows, classes, tokens, ce.options, o, k, stats,
+                                     s);
+      }
       if (gradient) {
         if constexpr (kDense) {
           return LaunchMaskedMaeGradient(targets, p, k, g, rows, classes, o, s);
@@ -433,6 +576,23 @@ PYBIND11_MODULE(_core, m) {
         py::arg("row_keep") = py::none(),
         "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative), from the "
         "forward's row_keep or, without it, from masked_tokens.");
+  m.def("ce_forward", &CeForward, py::arg("y_true"), py::arg("y_pred"),
+        py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
+        py::arg("from_logits") = false, py::arg("label_smoothing") = 0.0,
+        py::arg("epsilon") = 1e-7, py::arg("return_stats") = false,
+        "The masked cross-entropy per position [...] for NumPy arrays [..., C]; with "
+        "return_stats, (loss, row_keep, row_stats[..., 2] float64) for ce_gradient().");
+  m.def("ce_gradient", &CeGradient, py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"),
+        py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
+        py::arg("from_logits") = false, py::arg("label_smoothing") = 0.0,
+        py::arg("epsilon") = 1e-7, py::arg("row_keep") = py::none(),
+        py::arg("row_stats") = py::none(),
+        "d loss / d y_pred of the masked cross-entropy, from the forward's row_keep and "
+        "row_stats or, without them, from masked_tokens.");
+  m.def("det_exp_log", &DetExpLog, py::arg("x"),
+        "(exp(x), log(x)) by the deterministic exp/log of the row math (cc/math/"
+        "det_exp_log.h), in the CPU variant in use; float32 or float64.");
+  m.attr("CE_ROW_STATS") = kCeRowStats;
   m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
   m.def("probe_bandwidth", &ProbeBandwidth, py::arg("mode"), py::arg("megabytes") = 512.0,
         py::arg("threads") = 1, py::arg("repeats") = 5,
@@ -491,6 +651,47 @@ PYBIND11_MODULE(_core, m) {
       py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"), py::arg("stream"),
       py::arg("id_dtype") = std::string(),
       "Launches the gradient kernel on raw device pointers from the forward's row_keep.");
+  m.def(
+      "cuda_ce_forward",
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, const std::vector<int64_t>& shape,
+         const std::string& dtype, const std::vector<int64_t>& masked_tokens, uintptr_t stream,
+         const std::string& id_dtype, uintptr_t row_keep, uintptr_t row_stats, bool from_logits,
+         double label_smoothing, double epsilon) {
+        CudaCe ce;
+        ce.enabled = true;
+        ce.options = CeOptions{from_logits ? 1 : 0, static_cast<float>(label_smoothing),
+                               static_cast<float>(epsilon)};
+        ce.row_stats = row_stats;
+        CudaLaunch(false, y_true, y_pred, row_keep, 0, loss, shape, dtype, masked_tokens, stream,
+                   id_dtype, ce);
+      },
+      py::arg("y_true"), py::arg("y_pred"), py::arg("loss"), py::arg("shape"), py::arg("dtype"),
+      py::arg("masked_tokens"), py::arg("stream"), py::arg("id_dtype") = std::string(),
+      py::arg("row_keep") = uintptr_t{0}, py::arg("row_stats") = uintptr_t{0},
+      py::arg("from_logits") = false, py::arg("label_smoothing") = 0.0,
+      py::arg("epsilon") = 1e-7,
+      "Launches the masked cross-entropy forward kernel on raw device pointers; writes the "
+      "keep byte and the float64 row statistics [rows, 2] unless their pointers are 0.");
+  m.def(
+      "cuda_ce_gradient",
+      [](uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep, uintptr_t row_stats,
+         uintptr_t grad_loss, uintptr_t grad_y_pred, const std::vector<int64_t>& shape,
+         const std::string& dtype, uintptr_t stream, const std::string& id_dtype,
+         bool from_logits, double label_smoothing, double epsilon) {
+        CudaCe ce;
+        ce.enabled = true;
+        ce.options = CeOptions{from_logits ? 1 : 0, static_cast<float>(label_smoothing),
+                               static_cast<float>(epsilon)};
+        ce.row_stats = row_stats;
+        CudaLaunch(true, y_true, y_pred, row_keep, grad_loss, grad_y_pred, shape, dtype, {},
+                   stream, id_dtype, ce);
+      },
+      py::arg("y_true"), py::arg("y_pred"), py::arg("row_keep"), py::arg("row_stats"),
+      py::arg("grad_loss"), py::arg("grad_y_pred"), py::arg("shape"), py::arg("dtype"),
+      py::arg("stream"), py::arg("id_dtype") = std::string(), py::arg("from_logits") = false,
+      py::arg("label_smoothing") = 0.0, py::arg("epsilon") = 1e-7,
+      "Launches the masked cross-entropy gradient kernel from the forward's row_keep and "
+      "row_stats.");
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -130,13 +130,46 @@ void CpuMaskedMaeGradient(const TargetT* y_true, const T* y_pred, const uint8_t*
       &parallel_for);
 }
 
+template <typename T, typename TargetT>
+void CpuMaskedCeForward(const TargetT* y_true, const T* y_pred, int64_t rows,
+                        int64_t num_classes, const MaskedTokenSet& tokens,
+                        const CeOptions& options, T* loss, uint8_t* row_keep, double* row_stats,
+                        const ParallelFor& parallel_for) {
+  Selected().kernels->ce_forward[kDtypeIndex<T>][kTargetIndex<T, TargetT>](
+      y_true, y_pred, rows, num_classes, &tokens, &options, loss, row_keep, row_stats,
+      &CallParallelFor, &parallel_for);
+}
+
+template <typename T, typename TargetT>
+void CpuMaskedCeGradient(const TargetT* y_true, const T* y_pred, const uint8_t* row_keep,
+                         const double* row_stats, const T* grad_loss, int64_t rows,
+                         int64_t num_classes, const CeOptions& options, T* grad_y_pred,
+                         const ParallelFor& parallel_for) {
+  Selected().kernels->ce_gradient[kDtypeIndex<T>][kTargetIndex<T, TargetT>](
+      y_true, y_pred, row_keep, row_stats, grad_loss, rows, num_classes, &options, grad_y_pred,
+      &CallParallelFor, &parallel_for);
+}
+
+void CpuDetExpLog(const float* x, int64_t n, float* exp_out, float* log_out) {
+  Selected().kernels->det_math[0](x, n, exp_out, log_out);
+}
+void CpuDetExpLog(const double* x, int64_t n, double* exp_out, double* log_out) {
+  Selected().kernels->det_math[1](x, n, exp_out, log_out);
+}
+
 #define INSTANTIATE_CPU_LAUNCHERS(T, TargetT)                                                \
   template void CpuMaskedMaeForward<T, TargetT>(const TargetT*, const T*, int64_t, int64_t,  \
                                                 const MaskedTokenSet&, T*, uint8_t*,         \
                                                 const ParallelFor&);                         \
   template void CpuMaskedMaeGradient<T, TargetT>(const TargetT*, const T*, const uint8_t*,   \
                                                  const T*, int64_t, int64_t, T*,             \
-                                                 const ParallelFor&);
+                                                 const ParallelFor&);                         \
+  template void CpuMaskedCeForward<T, TargetT>(const TargetT*, const T*, int64_t, int64_t,   \
+                                               const MaskedTokenSet&, const CeOptions&, T*,  \
+                                               uint8_t*, double*, const ParallelFor&);       \
+  template void CpuMaskedCeGradient<T, TargetT>(const TargetT*, const T*, const uint8_t*,    \
+                                                const double*, const T*, int64_t, int64_t,   \
+                                                const CeOptions&, T*, const ParallelFor&);
 #define INSTANTIATE_CPU_DTYPE(T)      \
   INSTANTIATE_CPU_LAUNCHERS(T, T)       \
   INSTANTIATE_CPU_LAUNCHERS(T, int32_t) \

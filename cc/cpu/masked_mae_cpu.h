@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "cc/math/masked_ce_row.h"
 #include "cc/math/masked_mae_row.h"
 
 namespace fused_masked_mae {
@@ -68,6 +69,45 @@ template <typename T, typename TargetT>
 void CpuMaskedMaeGradient(const TargetT* y_true, const T* y_pred, const uint8_t* row_keep,
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           T* grad_y_pred, const ParallelFor& parallel_for);
+
+// The masked cross-entropy (masked_ce_row.h), on the same [rows, C] inputs:
+// loss[rows]; row_keep[rows] and row_stats[rows, kCeRowStats] (float64; either
+// may be null) for the gradient. Callers validate as for the masked MAE and
+// also options (label_smoothing 0 for sparse targets, epsilon in (0, 0.5)).
+template <typename T, typename TargetT>
+void CpuMaskedCeForward(const TargetT* y_true, const T* y_pred, int64_t rows,
+                        int64_t num_classes, const MaskedTokenSet& tokens,
+                        const CeOptions& options, T* loss, uint8_t* row_keep, double* row_stats,
+                        const ParallelFor& parallel_for);
+
+// grad_y_pred[rows, num_classes] = d loss / d y_pred from the forward's row_keep
+// and row_stats and the upstream gradient grad_loss[rows]: one pass.
+template <typename T, typename TargetT>
+void CpuMaskedCeGradient(const TargetT* y_true, const T* y_pred, const uint8_t* row_keep,
+                         const double* row_stats, const T* grad_loss, int64_t rows,
+                         int64_t num_classes, const CeOptions& options, T* grad_y_pred,
+                         const ParallelFor& parallel_for);
+
+// DetExp/DetLog (det_exp_log.h) of the variant in use, elementwise (tests).
+void CpuDetExpLog(const float* x, int64_t n, float* exp_out, float* log_out);
+void CpuDetExpLog(const double* x, int64_t n, double* exp_out, double* log_out);
+
+// The message naming what is wrong with a cross-entropy's options, or "".
+inline std::string InvalidCeOptionsMessage(const CeOptions& options, bool sparse) {
+  const double ls = options.label_smoothing;
+  if (!(ls >= 0.0 && ls <= 1.0)) {
+    return "label_smoothing must be in [0, 1], got " + std::to_string(ls);
+  }
+  if (sparse && ls != 0.0) {
+    return "label_smoothing is for dense targets only (as in Keras), got " + std::to_string(ls) +
+           " with class ids";
+  }
+  const double eps = options.epsilon;
+  if (!options.from_logits && !(eps > 0.0 && eps < 0.5)) {
+    return "epsilon must be in (0, 0.5), got " + std::to_string(eps);
+  }
+  return "";
+}
 
 // The token rule of every C++ front door (python/fused_masked_mae/tokens.py
 // states the same rule for the Python ones, which reach these with distinct

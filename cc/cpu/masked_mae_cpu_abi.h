@@ -35,10 +35,26 @@ typedef void (*FmmCpuGradient)(const void* y_true, const void* y_pred, const uin
                                void* grad_y_pred, FmmParallelFor parallel_for,
                                const void* parallel_for_ctx);
 
+// The masked cross-entropy (masked_ce_row.h): options points to a
+// fused_masked_mae::CeOptions; row_stats holds kCeRowStats float64 per row.
+typedef void (*FmmCpuCeForward)(const void* y_true, const void* y_pred, int64_t rows,
+                                int64_t num_classes, const void* tokens, const void* options,
+                                void* loss, uint8_t* row_keep, double* row_stats,
+                                FmmParallelFor parallel_for, const void* parallel_for_ctx);
+typedef void (*FmmCpuCeGradient)(const void* y_true, const void* y_pred, const uint8_t* row_keep,
+                                 const double* row_stats, const void* grad_loss, int64_t rows,
+                                 int64_t num_classes, const void* options, void* grad_y_pred,
+                                 FmmParallelFor parallel_for, const void* parallel_for_ctx);
+// DetExp and DetLog (det_exp_log.h) over n elements, for tests: [float32, float64].
+typedef void (*FmmCpuDetMath)(const void* x, int64_t n, void* exp_out, void* log_out);
+
 typedef struct {
   const char* name;  // "baseline", "avx2", "avx512"
   FmmCpuForward forward[kFmmCpuDtypes][kFmmCpuTargets];
   FmmCpuGradient gradient[kFmmCpuDtypes][kFmmCpuTargets];
+  FmmCpuCeForward ce_forward[kFmmCpuDtypes][kFmmCpuTargets];
+  FmmCpuCeGradient ce_gradient[kFmmCpuDtypes][kFmmCpuTargets];
+  FmmCpuDetMath det_math[2];
 } FmmCpuKernels;
 
 // One per variant; the x86 ones exist on x86-64 only. Hidden: internal to

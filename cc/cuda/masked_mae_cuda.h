@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "cc/math/masked_ce_row.h"
 #include "cc/math/masked_mae_row.h"
 
 // The CUDA runtime's stream type is the driver's CUstream (the same handle);
@@ -52,6 +53,22 @@ template <typename T, typename Id>
 CUresult LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
                                        const uint8_t* row_keep, const T* grad_loss, int64_t rows,
                                        int64_t num_classes, T* grad_y_pred, cudaStream_t stream);
+
+// The masked cross-entropy (masked_ce_row.h): TargetT is T (dense) or
+// int32_t/int64_t ids (an id outside [0, C) gives a NaN loss and gradient
+// row). The forward writes the keep byte and kCeRowStats float64 per row
+// (either may be null); the gradient streams the rows once from them.
+template <typename T, typename TargetT>
+CUresult LaunchMaskedCeForward(const TargetT* y_true, const T* y_pred, int64_t rows,
+                               int64_t num_classes, const MaskedTokenSet& tokens,
+                               const CeOptions& options, T* loss, uint8_t* row_keep,
+                               double* row_stats, cudaStream_t stream);
+
+template <typename T, typename TargetT>
+CUresult LaunchMaskedCeGradient(const TargetT* y_true, const T* y_pred, const uint8_t* row_keep,
+                                const double* row_stats, const T* grad_loss, int64_t rows,
+                                int64_t num_classes, const CeOptions& options, T* grad_y_pred,
+                                cudaStream_t stream);
 
 }  // namespace fused_masked_mae
 

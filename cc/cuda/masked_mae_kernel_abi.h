@@ -7,6 +7,8 @@
 // cuModuleGetFunction:
 //   fused_masked_mae_fwd_<f16|bf16|f32|f64>_<dense|i32|i64>_g<G>   (forward)
 //   fused_masked_mae_grad_<f16|bf16|f32|f64>_<dense|i32|i64>       (gradient)
+//   fused_masked_ce_fwd_..._g<G>, fused_masked_ce_grad_...           (the masked
+//                                                                    cross-entropy, same grid)
 // G is the number of lanes per row (1, 2, 4, ..., 32), or 0 for one whole
 // block per row; the gradient is a flat element-wise stream with one shape. Only the C++ standard library is used here, so both compilers
 // accept it, and both lay KernelParams out identically (LP64, no bit-fields).
@@ -16,6 +18,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cc/math/masked_ce_row.h"
 #include "cc/math/masked_mae_row.h"
 
 namespace fused_masked_mae {
@@ -30,6 +33,10 @@ struct KernelParams {
   int64_t rows;
   int64_t num_classes;
   MaskedTokenSet tokens;
+  // The masked cross-entropy's kernels only: row_stats [rows, kCeRowStats]
+  // (forward: written unless null; gradient: read) and the options.
+  double* row_stats;
+  CeOptions ce;
 };
 
 enum class TargetKind { kDense = 0, kInt32Ids = 1, kInt64Ids = 2 };
@@ -38,7 +45,9 @@ constexpr int kNumElementKinds = 4;  // ElementKind
 constexpr int kNumTargetKinds = 3;
 constexpr int kNumGroupSlots = 7;  // G = 1, 2, 4, 8, 16, 32, and 0 (whole block)
 constexpr int kNumForwardKernels = kNumElementKinds * kNumTargetKinds * kNumGroupSlots;
-constexpr int kNumKernels = kNumForwardKernels + kNumElementKinds * kNumTargetKinds;
+constexpr int kNumMaeKernels = kNumForwardKernels + kNumElementKinds * kNumTargetKinds;
+// The masked cross-entropy's kernels follow the masked MAE's, in the same order.
+constexpr int kNumKernels = 2 * kNumMaeKernels;
 
 // Slot of G in the list above; -1 for an unsupported G.
 inline constexpr int GroupSlot(int group) {
@@ -59,8 +68,20 @@ inline constexpr int GradientKernelIndex(ElementKind dtype, TargetKind targets) 
          static_cast<int>(targets);
 }
 
+inline constexpr int CeForwardKernelIndex(ElementKind dtype, TargetKind targets, int group) {
+  return kNumMaeKernels + ForwardKernelIndex(dtype, targets, group);
+}
+
+inline constexpr int CeGradientKernelIndex(ElementKind dtype, TargetKind targets) {
+  return kNumMaeKernels + GradientKernelIndex(dtype, targets);
+}
+
 // The kernel name of index `index` (host side only).
 inline std::string KernelName(int index) {
+  if (index >= kNumMaeKernels) {
+    const std::string mae = KernelName(index - kNumMaeKernels);
+    return "fused_masked_ce_" + mae.substr(std::string("fused_masked_mae_").size());
+  }
   static const char* const kDtypes[] = {"f16", "bf16", "f32", "f64"};  // ElementKind order
   static const char* const kTargets[] = {"dense", "i32", "i64"};
   static const int kGroups[] = {1, 2, 4, 8, 16, 32, 0};

@@ -197,20 +197,40 @@ __device__ __forceinline__ RowPartial<Acc> ShuffleXor(const RowPartial<Acc>& a, 
   return b;
 }
 
+// The masked cross-entropy's second-pass sums (masked_ce_row.h): two sums,
+// combined by addition in the same butterfly/tree order as RowPartial's.
+template <typename Acc>
+struct SumPair {
+  Acc a;
+  Acc b;
+  __device__ static SumPair Empty(Acc) { return {Acc(0), Acc(0)}; }
+  __device__ static SumPair Combine(const SumPair& x, const SumPair& y) {
+    return {x.a + y.a, x.b + y.b};
+  }
+};
+
+template <typename Acc>
+__device__ __forceinline__ SumPair<Acc> ShuffleXor(const SumPair<Acc>& x, int mask, int width) {
+  return {__shfl_xor_sync(kFullMask, x.a, mask, width),
+          __shfl_xor_sync(kFullMask, x.b, mask, width)};
+}
+
 // Butterfly over `width` lanes (a power of two <= 32). Every lane ends with the
 // same result: Combine is commutative for argmax, and a + b == b + a in IEEE.
-template <typename Acc>
-__device__ __forceinline__ RowPartial<Acc> WarpReduce(RowPartial<Acc> part, int width) {
+// State: RowPartial (both losses' first pass) or SumPair (the cross-entropy's
+// second pass).
+template <typename State>
+__device__ __forceinline__ State WarpReduce(State part, int width) {
   for (int offset = width / 2; offset > 0; offset /= 2) {
-    part = RowPartial<Acc>::Combine(part, ShuffleXor(part, offset, width));
+    part = State::Combine(part, ShuffleXor(part, offset, width));
   }
   return part;
 }
 
 // Whole-block reduction for a block-per-row launch; all threads get the result.
-template <typename Acc>
-__device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc lowest) {
-  __shared__ RowPartial<Acc> warp_parts[kMaxRowBlockThreads / kWarpSize];
+template <typename State, typename Acc>
+__device__ __forceinline__ State BlockReduce(State part, Acc lowest) {
+  __shared__ State warp_parts[kMaxRowBlockThreads / kWarpSize];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
@@ -218,7 +238,7 @@ __device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc
   if (lane == 0) warp_parts[warp] = part;
   __syncthreads();
   if (warp == 0) {
-    part = lane < num_warps ? warp_parts[lane] : RowPartial<Acc>::Empty(lowest);
+    part = lane < num_warps ? warp_parts[lane] : State::Empty(lowest);
     part = WarpReduce(part, kWarpSize);
     if (lane == 0) warp_parts[0] = part;
   }
@@ -356,6 +376,161 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
   }
 }
 
+
+// --- the masked cross-entropy (masked_ce_row.h) ---------------------------------------------
+// The forward maps rows onto lanes exactly as MaskedMaeRows: pass 1 reduces a
+// RowPartial (the argmaxes of t and y_pred, whose keep factor is the masked
+// MAE's, and in its sum slot the row sum the second pass needs: sum t',
+// sum p or sum clip(p)); pass 2 (logits, dense probabilities) reduces a
+// SumPair over the row again (from L2): sum exp(z - m) and sum t' (m - z), or
+// sum t' log(clip(p / S)) and sum [clip passes] t'. exp and log are
+// DetExp/DetLog: the CPU's bits per element; the sums follow this grid's order.
+
+// Calls fn(t, p, i) (as Acc) for this lane's elements, chunk by chunk in
+// increasing order, as ScanLaneChunks visits them.
+template <typename T, typename TargetRow, typename Fn>
+__device__ __forceinline__ void ForEachLaneElement(const TargetRow& t, const T* p,
+                                                   int64_t num_classes, bool vector_ok, int lane,
+                                                   int group, const Fn& fn) {
+  using Acc = typename AccumulatorOf<T>::type;
+  constexpr int kVec = Vec<T>::kSize;
+  ForEachLaneChunk<kVec>(
+      num_classes, vector_ok, lane, group,
+      [&](int64_t first) {
+        Acc tv[kVec];
+        LoadTargetChunk<T>(t, first, tv);
+        Chunk<T> pc;
+        pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) fn(tv[k], static_cast<Acc>(pc.values[k]), first + k);
+      },
+      [&](int64_t i) { fn(t.template At<Acc>(i), static_cast<Acc>(p[i]), i); });
+}
+
+template <typename T, typename Targets, int kGroup>
+__device__ __forceinline__ void MaskedCeRows(const KernelParams& raw_params) {
+  const TypedParams<T, Targets> params(raw_params);
+  using Acc = typename AccumulatorOf<T>::type;
+  constexpr bool kSparse = !std::is_same_v<Targets, DenseTargets<T>>;
+  const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
+  const CeConstants<Acc> c = MakeCeConstants<T>(raw_params.ce, params.num_classes);
+  const int group = kGroup > 0 ? kGroup : static_cast<int>(blockDim.x);
+  const int lane = threadIdx.x % group;
+  const int64_t rows_per_block = blockDim.x / group;
+  const int64_t num_classes = params.num_classes;
+
+  for (int64_t first_row = blockIdx.x * rows_per_block; first_row < params.rows;
+       first_row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = first_row + threadIdx.x / group;
+    const bool in_range = row < params.rows;
+    const int64_t safe_row = in_range ? row : 0;
+    const auto t = params.y_true.Row(safe_row, num_classes);
+    const bool valid = in_range && TargetValid(t, num_classes);
+    const T* p = params.y_pred + safe_row * num_classes;
+    const bool vector_ok = TargetAligned(t) && Aligned16(p);
+    RowPartial<Acc> part = RowPartial<Acc>::Empty(lowest);
+    if (valid) {
+      ForEachLaneElement<T>(t, p, num_classes, vector_ok, lane, group, [&](Acc tv, Acc pv,
+                                                                           int64_t i) {
+        part.target.Observe(tv, i);
+        part.prediction.Observe(pv, i);
+        part.abs_diff_sum += c.from_logits ? (kSparse ? Acc(0) : SmoothTarget(c, tv))
+                                           : (kSparse ? ClipProbability(c, pv) : pv);
+      });
+    }
+    part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, lowest);
+    const Acc m = part.prediction.value;  // the largest candidate (lowest if none)
+    const Acc row_sum = part.abs_diff_sum;
+    SumPair<Acc> sums = SumPair<Acc>::Empty(lowest);
+    const bool second_pass = c.from_logits || !kSparse;
+    if (second_pass) {  // uniform over the block: every lane reaches the reduction
+      if (valid) {
+        ForEachLaneElement<T>(t, p, num_classes, vector_ok, lane, group, [&](Acc tv, Acc pv,
+                                                                             int64_t) {
+          if (c.from_logits) {
+            sums.a += DetExp(pv - m);
+            if (!kSparse) sums.b += SmoothTarget(c, tv) * (m - pv);
+          } else {
+            const Acc tt = SmoothTarget(c, tv);
+            const Acc q = pv / row_sum;
+            sums.a += tt * DetLog(ClipProbability(c, q));
+            sums.b += ClipPasses(c, q) ? tt : Acc(0);
+          }
+        });
+      }
+      sums = kGroup > 0 ? WarpReduce(sums, kGroup) : BlockReduce(sums, lowest);
+    }
+    if (!in_range || lane != 0) continue;
+    Acc ce = Acc(NAN), stat0 = Acc(NAN), stat1 = Acc(NAN);
+    if (!valid) {
+      // a sparse id outside [0, C): NaN loss and statistics, nothing read
+    } else if (c.from_logits) {
+      Acc sum_t = row_sum, w = sums.b;
+      if constexpr (kSparse) {
+        sum_t = Acc(1);
+        w = m - static_cast<Acc>(p[t.id]);
+      }
+      ce = LogitsCrossEntropy(sum_t, sums.a, w);
+      stat0 = m;
+      stat1 = sums.a;
+    } else if constexpr (kSparse) {
+      ce = DetLog(row_sum) - DetLog(ClipProbability(c, static_cast<Acc>(p[t.id])));
+      stat0 = row_sum;
+      stat1 = Acc(0);
+    } else {
+      ce = -sums.a;
+      stat0 = row_sum;
+      stat1 = sums.b;
+    }
+    const Acc keep = KeepFactor(part, params.tokens);
+    params.out[row] = static_cast<T>(keep * ce);
+    if (params.row_keep != nullptr) params.row_keep[row] = KeepByte(keep);
+    if (raw_params.row_stats != nullptr) {
+      raw_params.row_stats[row * kCeRowStats] = static_cast<double>(stat0);
+      raw_params.row_stats[row * kCeRowStats + 1] = static_cast<double>(stat1);
+    }
+  }
+}
+
+// The gradient: a flat element-wise stream (one element per thread and step)
+// from the forward's keep byte and statistics; NaN for a sparse row whose id
+// is outside [0, C).
+template <typename T, typename Targets>
+__device__ __forceinline__ void CeGradientStream(const KernelParams& raw_params) {
+  const TypedParams<T, Targets> params(raw_params);
+  using Acc = typename AccumulatorOf<T>::type;
+  constexpr bool kSparse = !std::is_same_v<Targets, DenseTargets<T>>;
+  const int64_t num_classes = params.num_classes;
+  const CeConstants<Acc> c = MakeCeConstants<T>(raw_params.ce, num_classes);
+  const int64_t total = params.rows * num_classes;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    const int64_t row = i / num_classes;
+    const int64_t col = i - row * num_classes;
+    const auto t = params.y_true.Row(row, num_classes);
+    const Acc scale = static_cast<Acc>(static_cast<T>(
+        static_cast<Acc>(params.grad_loss[row]) * KeepFromByte<Acc>(params.row_keep[row])));
+    const Acc stat0 = static_cast<Acc>(raw_params.row_stats[row * kCeRowStats]);
+    const Acc stat1 = static_cast<Acc>(raw_params.row_stats[row * kCeRowStats + 1]);
+    const Acc pv = static_cast<Acc>(params.y_pred[i]);
+    Acc value;
+    if (!TargetValid(t, num_classes)) {
+      value = Acc(NAN);
+    } else if (c.from_logits) {
+      value = LogitsGradientValue(scale, stat0, Acc(1) / stat1, pv,
+                                  SmoothTarget(c, t.template At<Acc>(col)));
+    } else if constexpr (kSparse) {
+      value = SparseProbabilityGradientValue(c, scale, stat0, pv, col == t.id);
+    } else {
+      value = DenseProbabilityGradientValue(c, scale, stat0,
+                                            DenseProbabilityRowTerm(scale, stat0, stat1), pv,
+                                            SmoothTarget(c, t.template At<Acc>(col)));
+    }
+    params.out[i] = static_cast<T>(value);
+  }
+}
+
 }  // namespace
 
 // The extern "C" kernels, named as masked_mae_kernel_abi.h's KernelName spells
@@ -364,6 +539,24 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
   extern "C" __global__ void __launch_bounds__(kMaxRowBlockThreads)                    \
       fused_masked_mae_fwd_##TNAME##_##TARGETNAME##_g##G(const KernelParams params) { \
     MaskedMaeRows<T, TARGETS, G>(params);                                              \
+  }
+// The masked cross-entropy's twins: fused_masked_ce_{fwd,grad}_...
+#define MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, G)                                   \
+  extern "C" __global__ void __launch_bounds__(kMaxRowBlockThreads)                    \
+      fused_masked_ce_fwd_##TNAME##_##TARGETNAME##_g##G(const KernelParams params) {  \
+    MaskedCeRows<T, TARGETS, G>(params);                                               \
+  }
+#define MCE_TARGET_KERNELS(TNAME, T, TARGETNAME, TARGETS)                                \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 1)                                          \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 2)                                          \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 4)                                          \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 8)                                          \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 16)                                         \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 32)                                         \
+  MCE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 0)                                          \
+  extern "C" __global__ void __launch_bounds__(kGradientBlockThreads)                   \
+      fused_masked_ce_grad_##TNAME##_##TARGETNAME(const KernelParams params) {          \
+    CeGradientStream<T, TARGETS>(params);                                                \
   }
 #define MMAE_TARGET_KERNELS(TNAME, T, TARGETNAME, TARGETS)                               \
   MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, 1)                                         \
@@ -376,7 +569,8 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
   extern "C" __global__ void __launch_bounds__(kGradientBlockThreads)                   \
       fused_masked_mae_grad_##TNAME##_##TARGETNAME(const KernelParams params) {         \
     GradientStream<T, TARGETS>(params);                                                  \
-  }
+  }                                                                                      \
+  MCE_TARGET_KERNELS(TNAME, T, TARGETNAME, TARGETS)
 #define MMAE_DTYPE_KERNELS(TNAME, T)                                  \
   MMAE_TARGET_KERNELS(TNAME, T, dense, DenseTargets<T>)               \
   MMAE_TARGET_KERNELS(TNAME, T, i32, SparseTargets<int32_t>)          \
@@ -388,5 +582,7 @@ MMAE_DTYPE_KERNELS(f64, double)
 #undef MMAE_DTYPE_KERNELS
 #undef MMAE_TARGET_KERNELS
 #undef MMAE_FORWARD
+#undef MCE_TARGET_KERNELS
+#undef MCE_FORWARD
 
 }  // namespace fused_masked_mae

@@ -37,31 +37,45 @@ int64_t NextPowerOfTwo(int64_t n) {
 
 constexpr int kGradientBlockThreads = 256;     // must match masked_mae_kernels.cu.cc
 
+// The forward's launch shape for rows of num_classes elements of T: a group of
+// lanes per row (several rows per block), or a whole block per row (group 0).
+struct ForwardShape {
+  int group;
+  int threads;
+  int64_t blocks;
+};
+
+template <typename T>
+ForwardShape ForwardShapeFor(int64_t rows, int64_t num_classes) {
+  constexpr int64_t kVec = 16 / sizeof(T);
+  const int64_t chunks = num_classes / kVec + (num_classes % kVec != 0);
+  const int64_t lanes_wanted = chunks / kChunksPerLane + (chunks % kChunksPerLane != 0);
+  ForwardShape shape;
+  if (lanes_wanted <= kWarpSize) {  // a group of lanes per row, several rows per block
+    shape.group = static_cast<int>(NextPowerOfTwo(lanes_wanted));
+    shape.threads = kRowsPerWarpBlockThreads;
+    const int64_t rows_per_block = kRowsPerWarpBlockThreads / shape.group;
+    shape.blocks =
+        std::min(rows / rows_per_block + (rows % rows_per_block != 0), kMaxGridBlocks);
+  } else {  // a whole block per row
+    shape.group = 0;
+    shape.threads = static_cast<int>(NextPowerOfTwo(
+        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, lanes_wanted))));
+    shape.blocks = std::min(rows, kMaxGridBlocks);
+  }
+  return shape;
+}
+
 template <typename T>
 CUresult LaunchForward(TargetKind targets, const void* y_true, const T* y_pred, T* loss,
                        uint8_t* row_keep, int64_t rows, int64_t num_classes,
                        const MaskedTokenSet& tokens, cudaStream_t stream) {
   if (rows == 0) return CUDA_SUCCESS;
   const KernelParams params{y_true, y_pred, nullptr, loss, row_keep, rows, num_classes, tokens};
-  constexpr int64_t kVec = 16 / sizeof(T);
-  const int64_t chunks = num_classes / kVec + (num_classes % kVec != 0);
-  const int64_t lanes_wanted = chunks / kChunksPerLane + (chunks % kChunksPerLane != 0);
-  int group, threads;
-  int64_t blocks;
-  if (lanes_wanted <= kWarpSize) {  // a group of lanes per row, several rows per block
-    group = static_cast<int>(NextPowerOfTwo(lanes_wanted));
-    threads = kRowsPerWarpBlockThreads;
-    const int64_t rows_per_block = kRowsPerWarpBlockThreads / group;
-    blocks = std::min(rows / rows_per_block + (rows % rows_per_block != 0), kMaxGridBlocks);
-  } else {  // a whole block per row
-    group = 0;
-    threads = static_cast<int>(NextPowerOfTwo(
-        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, lanes_wanted))));
-    blocks = std::min(rows, kMaxGridBlocks);
-  }
-  return cuda::LaunchKernel(ForwardKernelIndex(ElementKindOf<T>::value, targets, group),
-                            static_cast<uint32_t>(blocks), static_cast<uint32_t>(threads), params,
-                            stream);
+  const ForwardShape shape = ForwardShapeFor<T>(rows, num_classes);
+  return cuda::LaunchKernel(ForwardKernelIndex(ElementKindOf<T>::value, targets, shape.group),
+                            static_cast<uint32_t>(shape.blocks),
+                            static_cast<uint32_t>(shape.threads), params, stream);
 }
 
 // The gradient: one flat element-wise stream, a 16-byte chunk per thread and step.
@@ -80,7 +94,42 @@ CUresult LaunchGradient(TargetKind targets, const void* y_true, const T* y_pred,
                             static_cast<uint32_t>(blocks), kGradientBlockThreads, params, stream);
 }
 
+template <typename TargetT, typename T>
+constexpr TargetKind TargetKindOf() {
+  return std::is_same_v<TargetT, T> ? TargetKind::kDense : IdsKind<TargetT>();
+}
+
 }  // namespace
+
+template <typename T, typename TargetT>
+CUresult LaunchMaskedCeForward(const TargetT* y_true, const T* y_pred, int64_t rows,
+                               int64_t num_classes, const MaskedTokenSet& tokens,
+                               const CeOptions& options, T* loss, uint8_t* row_keep,
+                               double* row_stats, cudaStream_t stream) {
+  if (rows == 0) return CUDA_SUCCESS;
+  const KernelParams params{y_true, y_pred,      nullptr, loss,      row_keep,
+                            rows,   num_classes, tokens,  row_stats, options};
+  const ForwardShape shape = ForwardShapeFor<T>(rows, num_classes);
+  return cuda::LaunchKernel(
+      CeForwardKernelIndex(ElementKindOf<T>::value, TargetKindOf<TargetT, T>(), shape.group),
+      static_cast<uint32_t>(shape.blocks), static_cast<uint32_t>(shape.threads), params, stream);
+}
+
+template <typename T, typename TargetT>
+CUresult LaunchMaskedCeGradient(const TargetT* y_true, const T* y_pred, const uint8_t* row_keep,
+                                const double* row_stats, const T* grad_loss, int64_t rows,
+                                int64_t num_classes, const CeOptions& options, T* grad_y_pred,
+                                cudaStream_t stream) {
+  if (rows == 0) return CUDA_SUCCESS;
+  const KernelParams params{y_true,      y_pred, grad_loss, grad_y_pred,
+                            const_cast<uint8_t*>(row_keep), rows, num_classes, MaskedTokenSet{},
+                            const_cast<double*>(row_stats), options};
+  const int64_t total = rows * num_classes;  // callers checked it fits int64
+  const int64_t blocks = std::min(total / kGradientBlockThreads + 1, kMaxGridBlocks);
+  return cuda::LaunchKernel(
+      CeGradientKernelIndex(ElementKindOf<T>::value, TargetKindOf<TargetT, T>()),
+      static_cast<uint32_t>(blocks), kGradientBlockThreads, params, stream);
+}
 
 template <typename T>
 CUresult LaunchMaskedMaeForward(const T* y_true, const T* y_pred, int64_t rows,
@@ -120,6 +169,13 @@ CUresult LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
       cudaStream_t);                                                                          \
   template CUresult LaunchSparseMaskedMaeGradient<T, Id>(                                     \
       const Id*, const T*, const uint8_t*, const T*, int64_t, int64_t, T*, cudaStream_t);
+#define INSTANTIATE_CE(T, TargetT)                                                            \
+  template CUresult LaunchMaskedCeForward<T, TargetT>(                                        \
+      const TargetT*, const T*, int64_t, int64_t, const MaskedTokenSet&, const CeOptions&,    \
+      T*, uint8_t*, double*, cudaStream_t);                                                   \
+  template CUresult LaunchMaskedCeGradient<T, TargetT>(                                       \
+      const TargetT*, const T*, const uint8_t*, const double*, const T*, int64_t, int64_t,    \
+      const CeOptions&, T*, cudaStream_t);
 #define INSTANTIATE(T)                                                                        \
   template CUresult LaunchMaskedMaeForward<T>(const T*, const T*, int64_t, int64_t,           \
                                               const MaskedTokenSet&, T*, uint8_t*,            \
@@ -127,12 +183,16 @@ CUresult LaunchSparseMaskedMaeGradient(const Id* y_true_ids, const T* y_pred,
   template CUresult LaunchMaskedMaeGradient<T>(const T*, const T*, const uint8_t*, const T*,  \
                                                int64_t, int64_t, T*, cudaStream_t);           \
   INSTANTIATE_SPARSE(T, int32_t)                                                              \
-  INSTANTIATE_SPARSE(T, int64_t)
+  INSTANTIATE_SPARSE(T, int64_t)                                                              \
+  INSTANTIATE_CE(T, T)                                                                        \
+  INSTANTIATE_CE(T, int32_t)                                                                  \
+  INSTANTIATE_CE(T, int64_t)
 INSTANTIATE(HostHalf)
 INSTANTIATE(HostBFloat16)
 INSTANTIATE(float)
 INSTANTIATE(double)
 #undef INSTANTIATE_SPARSE
+#undef INSTANTIATE_CE
 #undef INSTANTIATE
 
 }  // namespace fused_masked_mae

@@ -372,6 +372,36 @@ inline int64_t FirstIndexOf(const T* x, int64_t end, Acc best, Acc lowest) {
   return kNoIndex;
 }
 
+// The keep factor of a row from the largest argmax candidates of its targets
+// and predictions (t_max, p_max: the dtype's lowest when there is none), as
+// the host row scans find them in their first pass. The second pass: argmax t,
+// and whether argmax p equals it, which only matters when argmax t is a masked
+// token. Then argmax p == argmax t exactly when p holds its maximum there and
+// nowhere before (no candidate in p means argmax 0). Shared by the masked MAE
+// (ScanRow) and the masked cross-entropy (masked_ce_row.h). For sparse targets
+// t_max is not read (one_hot(id) has its only maximum at id).
+template <typename T, typename TargetRow, typename Acc>
+inline Acc HostKeepFactor(const TargetRow& y_true, const T* y_pred, int64_t num_classes,
+                          Acc t_max, Acc p_max, const MaskedTokenSet& tokens) {
+  const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
+  int64_t target_argmax;
+  if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
+    target_argmax = y_true.id;  // one_hot(id): its only maximum
+  } else {
+    target_argmax = FirstIndexOf(y_true.values, num_classes, t_max, lowest);
+  }
+  const ArgmaxState<Acc> target{t_max, target_argmax};
+  const int64_t t_index = target.Result();
+  bool prediction_equal = false;
+  if (tokens.Contains(t_index)) {
+    prediction_equal = Improves(p_max, lowest)
+                           ? static_cast<Acc>(y_pred[t_index]) == p_max &&
+                                 FirstIndexOf(y_pred, t_index, p_max, lowest) == kNoIndex
+                           : t_index == 0;
+  }
+  return Acc(KeepFactorFor(t_index, prediction_equal, tokens));
+}
+
 template <typename Acc>
 struct HostRowSummary {
   Acc keep;
@@ -454,26 +484,7 @@ inline HostRowSummary<typename AccumulatorOf<T>::type> ScanRow(const TargetRow& 
   tree_level(std::integral_constant<int, 4>{});
   tree_level(std::integral_constant<int, 2>{});
   tree_level(std::integral_constant<int, 1>{});
-  // Pass 2: argmax t, and whether argmax p equals it, which only matters when
-  // argmax t is a masked token. Then argmax p == argmax t exactly when p holds
-  // its maximum there and nowhere before (no candidate in p means argmax 0).
-  int64_t target_argmax;
-  if constexpr (std::is_same_v<TargetRow, SparseTargetRow>) {
-    target_argmax = y_true.id;  // one_hot(id): its only maximum
-  } else {
-    target_argmax = FirstIndexOf(y_true.values, num_classes, t_best[0], lowest);
-  }
-  const ArgmaxState<Acc> target{t_best[0], target_argmax};
-  const int64_t t_index = target.Result();
-  bool prediction_equal = false;
-  if (tokens.Contains(t_index)) {
-    prediction_equal =
-        Improves(p_best[0], lowest)
-            ? prediction_at(t_index) == p_best[0] &&
-                  FirstIndexOf(y_pred, t_index, p_best[0], lowest) == kNoIndex
-            : t_index == 0;
-  }
-  return {Acc(KeepFactorFor(t_index, prediction_equal, tokens)), sum[0]};
+  return {HostKeepFactor(y_true, y_pred, num_classes, t_best[0], p_best[0], tokens), sum[0]};
 }
 
 // The row's loss, and its keep factor as one byte (1 = the position counts,

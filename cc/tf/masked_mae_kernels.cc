@@ -301,6 +301,32 @@ class MaskedMaeGradOp : public OpKernel {
   }
 };
 
+// For masked_ce_kernels.cc (declared in masked_mae_kernels.h).
+#define INSTANTIATE_VALIDATE_INPUTS(DEVICE, T)                                              \
+  template bool ValidateInputs<DEVICE, T, T>(OpKernelContext*, const Tensor&, const Tensor&, \
+                                             const MaskedTokenSet&, int64_t*, int64_t*,     \
+                                             TensorShape*);                                 \
+  template bool ValidateInputs<DEVICE, T, int32_t>(OpKernelContext*, const Tensor&,         \
+                                                   const Tensor&, const MaskedTokenSet&,    \
+                                                   int64_t*, int64_t*, TensorShape*);       \
+  template bool ValidateInputs<DEVICE, T, int64_t>(OpKernelContext*, const Tensor&,         \
+                                                   const Tensor&, const MaskedTokenSet&,    \
+                                                   int64_t*, int64_t*, TensorShape*);
+#define INSTANTIATE_VALIDATE_INPUTS_CPU(T) INSTANTIATE_VALIDATE_INPUTS(CPUDevice, T)
+TF_CALL_half(INSTANTIATE_VALIDATE_INPUTS_CPU);
+TF_CALL_bfloat16(INSTANTIATE_VALIDATE_INPUTS_CPU);
+TF_CALL_float(INSTANTIATE_VALIDATE_INPUTS_CPU);
+TF_CALL_double(INSTANTIATE_VALIDATE_INPUTS_CPU);
+#undef INSTANTIATE_VALIDATE_INPUTS_CPU
+#if GOOGLE_CUDA
+#define INSTANTIATE_VALIDATE_INPUTS_GPU(T) INSTANTIATE_VALIDATE_INPUTS(GPUDevice, T)
+TF_CALL_half(INSTANTIATE_VALIDATE_INPUTS_GPU);
+TF_CALL_bfloat16(INSTANTIATE_VALIDATE_INPUTS_GPU);
+TF_CALL_float(INSTANTIATE_VALIDATE_INPUTS_GPU);
+TF_CALL_double(INSTANTIATE_VALIDATE_INPUTS_GPU);
+#undef INSTANTIATE_VALIDATE_INPUTS_GPU
+#endif
+
 #define REGISTER_KERNELS(DEVICE_NAME, DEVICE, T)                                            \
   REGISTER_KERNEL_BUILDER(                                                                  \
       Name("Import_fused_masked_mae>MaskedMae").Device(DEVICE_NAME).TypeConstraint<T>("T"),          \

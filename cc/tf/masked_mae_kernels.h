@@ -29,6 +29,19 @@ struct MaskedMaeGradFunctor {
                           int64_t rows, int64_t num_classes, T* grad_y_pred);
 };
 
+// Input validation shared with the masked cross-entropy kernels
+// (masked_ce_kernels.cc); defined and instantiated in masked_mae_kernels.cc.
+// Checks y_true/y_pred and the tokens, sets the [rows, num_classes] view and
+// the loss shape; returns false with ctx's status set on invalid input.
+template <typename Device, typename T, typename TargetT>
+bool ValidateInputs(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& y_true,
+                    const tensorflow::Tensor& y_pred, const MaskedTokenSet& tokens,
+                    int64_t* rows, int64_t* num_classes, tensorflow::TensorShape* loss_shape);
+
+// A per-row input of a gradient op must have the loss's shape.
+bool ValidateRowInput(tensorflow::OpKernelContext* ctx, const tensorflow::Tensor& tensor,
+                      const char* name, const tensorflow::TensorShape& loss_shape);
+
 }  // namespace fused_masked_mae
 
 #endif  // FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_KERNELS_H_

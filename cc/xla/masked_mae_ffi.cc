@@ -171,6 +171,10 @@ void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
   RegisterHandler(kSparseGradTarget, platform, sparse_grad);
 }
 
+void RegisterOneHandler(const char* target, const char* platform, XLA_FFI_Handler* handler) {
+  RegisterHandler(target, platform, handler);
+}
+
 std::string RegistrationReport() {
   std::lock_guard<std::mutex> lock(RegistryMutex());
   std::string out;

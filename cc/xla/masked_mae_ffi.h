@@ -200,6 +200,10 @@ void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
                       XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
                       XLA_FFI_Handler* sparse_grad);
 
+// Registers one handler of `platform` and records the outcome for
+// RegistrationReport() (the masked cross-entropy's handlers, masked_ce_ffi_*.cc).
+void RegisterOneHandler(const char* target, const char* platform, XLA_FFI_Handler* handler);
+
 // One line per registration: "<platform> <target> ok" or
 // "<platform> <target> error: <message>".
 std::string RegistrationReport();

@@ -101,6 +101,9 @@ ffi::Error Grad(ffi::ThreadPool pool, ffi::AnyBuffer y_true, ffi::AnyBuffer y_pr
 
 }  // namespace
 
+// For the masked cross-entropy's Host handlers (masked_ce_ffi_cpu.cc).
+ParallelFor HostPoolFor(ffi::ThreadPool* pool) { return PoolFor(pool); }
+
 using HostContext = ffi::ThreadPool;
 FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS("Host", Host, HostContext);
 

@@ -21,17 +21,24 @@ from fused_masked_mae import _core as _core_module
 __version__ = "0.1.0"
 __all__ = [
     "MAX_MASKED_TOKENS",
+    "MaskedCrossentropy",
     "MaskedMAE",
+    "ReferenceMaskedCrossentropy",
     "ReferenceMaskedMAE",
+    "SparseMaskedCrossentropy",
     "SparseMaskedMAE",
     "cpu_isa",
     "in_xla_context",
+    "masked_crossentropy",
     "masked_mae",
     "masked_mae_loss_fn",
     "masked_mae_tokens",
+    "reference_masked_crossentropy",
     "reference_masked_mae",
     "reference_masked_mae_tokens",
+    "reference_sparse_masked_crossentropy",
     "reference_sparse_masked_mae",
+    "sparse_masked_crossentropy",
     "sparse_masked_mae",
 ]
 
@@ -66,6 +73,15 @@ if importlib.util.find_spec("tensorflow") is not None:
         SparseMaskedMAE,
         reference_sparse_masked_mae,
         sparse_masked_mae,
+    )
+    from fused_masked_mae.crossentropy import (
+        MaskedCrossentropy,
+        ReferenceMaskedCrossentropy,
+        SparseMaskedCrossentropy,
+        masked_crossentropy,
+        reference_masked_crossentropy,
+        reference_sparse_masked_crossentropy,
+        sparse_masked_crossentropy,
     )
 
     def __getattr__(name):

@@ -44,6 +44,12 @@ FORWARD_TARGETS = {False: "fused_masked_mae_forward" + _SUFFIX,
 GRAD_TARGETS = {False: "fused_masked_mae_grad" + _SUFFIX,
                 True: "fused_masked_mae_sparse_grad" + _SUFFIX}
 ALL_TARGETS = frozenset(FORWARD_TARGETS.values()) | frozenset(GRAD_TARGETS.values())
+# The masked cross-entropy's handlers (cc/xla/masked_ce_ffi_cpu.cc; Host only so far).
+CE_FORWARD_TARGETS = {False: "fused_masked_ce_forward" + _SUFFIX,
+                      True: "fused_masked_ce_sparse_forward" + _SUFFIX}
+CE_GRAD_TARGETS = {False: "fused_masked_ce_grad" + _SUFFIX,
+                   True: "fused_masked_ce_sparse_grad" + _SUFFIX}
+CE_TARGETS = frozenset(CE_FORWARD_TARGETS.values()) | frozenset(CE_GRAD_TARGETS.values())
 
 # XlaCallModule's platform names for the FFI platforms the handlers register for.
 _CALL_MODULE_PLATFORMS = {"Host": "CPU", "CUDA": "CUDA"}
@@ -72,6 +78,7 @@ def check_registrations(report):
     a failed CUDA registration is logged and leaves GPUs on the composite."""
     platforms = []
     for platform, targets in sorted(report.items()):
+        targets = {t: e for t, e in targets.items() if t not in CE_TARGETS}
         missing = ALL_TARGETS - set(targets)
         errors = {t: e for t, e in targets.items() if e is not None}
         if not errors and not missing:
@@ -93,7 +100,25 @@ def check_registrations(report):
     return platforms
 
 
+def check_ce_registrations(report):
+    """The platforms whose four cross-entropy handlers all registered (a
+    platform without them runs the cross-entropy's composite under XLA).
+    Raises ImportError when the CPU ones failed."""
+    platforms = []
+    for platform, targets in sorted(report.items()):
+        errors = {t: e for t, e in targets.items() if t in CE_TARGETS and e is not None}
+        if not errors and CE_TARGETS <= set(targets):
+            platforms.append(platform)
+        elif errors and platform == "Host":
+            raise ImportError(
+                "fused_masked_mae could not register its cross-entropy XLA handlers for the CPU "
+                f"({'; '.join(f'{t}: {e}' for t, e in sorted(errors.items()))}). Rebuild the "
+                "package (./build.sh) against the installed TensorFlow.")
+    return platforms
+
+
 REGISTERED_PLATFORMS = check_registrations(registration_report())
+CE_REGISTERED_PLATFORMS = check_ce_registrations(registration_report())
 
 _fallback_logged = set()
 
@@ -106,9 +131,10 @@ def _fall_back(reason):
     return False
 
 
-def use_custom_call(num_classes):
+def use_custom_call(num_classes, crossentropy=False):
     """Whether the custom calls can run wherever this XLA computation may be
-    placed. Logs once per reason when not."""
+    placed (those of the masked cross-entropy with crossentropy=True). Logs
+    once per reason when not."""
     if os.environ.get("FUSED_MASKED_MAE_XLA") == "composite":
         return _fall_back("FUSED_MASKED_MAE_XLA=composite is set")
     if num_classes is None:
@@ -118,6 +144,10 @@ def use_custom_call(num_classes):
     if tf.config.list_logical_devices("GPU") and "CUDA" not in REGISTERED_PLATFORMS:
         return _fall_back("GPUs are present but no CUDA handlers are registered (a build "
                           "without CUDA, an NVIDIA driver below r525, or a failed registration)")
+    if (crossentropy and tf.config.list_logical_devices("GPU")
+            and "CUDA" not in CE_REGISTERED_PLATFORMS):
+        return _fall_back("GPUs are present and the masked cross-entropy has no CUDA handlers "
+                          "yet")
     return True
 
 
@@ -126,14 +156,14 @@ def _tensor_type(dims, dtype):
         _MLIR_TYPES[dtype] + ">"
 
 
-def _module(target, args, results, backend_config):
+def _module(target, args, results, backend_config, registered=None):
     """StableHLO text of a module whose main calls `target` once.
 
     args, results: (dims, dtype) pairs, dims of [rows] or [rows, C] where rows
     may be None (shape-polymorphic: each result gets a shape operand built from
     the runtime rows, which XLA's shape refinement turns into a static shape).
     """
-    platforms = [_CALL_MODULE_PLATFORMS[p] for p in REGISTERED_PLATFORMS]
+    platforms = [_CALL_MODULE_PLATFORMS[p] for p in (registered or REGISTERED_PLATFORMS)]
     arg_types = [_tensor_type(d, t) for d, t in args]
     result_types = [_tensor_type(d, t) for d, t in results]
     params = [f"%arg{i}: {t}" for i, t in enumerate(arg_types)]
@@ -180,15 +210,18 @@ def _module(target, args, results, backend_config):
             f"    {lines}\n  }}\n}}\n")
 
 
-def _call(target, args, results, backend_config=""):
-    """Runs the custom call on [rows, ...] tensors; results as (dims, dtype)."""
+def _call(target, args, results, backend_config="", registered=None):
+    """Runs the custom call on [rows, ...] tensors; results as (dims, dtype).
+    registered: the FFI platforms the target has handlers for (default: the
+    masked MAE's)."""
+    registered = registered or REGISTERED_PLATFORMS
     module = _module(target, [(a.shape.as_list(), a.dtype) for a in args], results,
-                     backend_config)
+                     backend_config, registered)
     return _tf_xla.call_module(
         list(args), version=9, module=module,
         Tout=[dtype for _, dtype in results],
         Sout=[tf.TensorShape(dims) for dims, _ in results],
-        platforms=[_CALL_MODULE_PLATFORMS[p] for p in REGISTERED_PLATFORMS],
+        platforms=[_CALL_MODULE_PLATFORMS[p] for p in registered],
     )
 
 
@@ -235,6 +268,44 @@ def masked_mae_custom_call(y_true, y_pred, tokens, sparse=False):
             grad_y_pred = grad_call(flat_true, flat_pred, flat_grad_loss)
             grad_y_pred = tf.reshape(grad_y_pred, tf.shape(y_pred))
             return (None if sparse else -grad_y_pred), grad_y_pred
+
+        return tf.reshape(loss, loss_shape), grad
+
+    return loss_fn(y_true, y_pred)
+
+
+def masked_ce_custom_call(y_true, y_pred, tokens, from_logits, label_smoothing, epsilon,
+                          sparse=False):
+    """The masked cross-entropy by its forward custom call, differentiable
+    through its grad custom call (fed by the forward's row_keep and
+    row_stats). y_pred's last dimension must be static."""
+    num_classes = y_pred.shape[-1]
+    rows = y_pred.shape[:-1].num_elements()
+    loss_shape = tf.shape(y_pred)[:-1] if rows is None else y_pred.shape[:-1]
+    dtype = y_pred.dtype
+    options = (f"from_logits = {int(bool(from_logits))} : i64, "
+               f"label_smoothing = {float(label_smoothing):.9e} : f32, "
+               f"epsilon = {float(epsilon):.9e} : f32")
+    tokens_attr = "masked_tokens = array<i64" + (": " + ", ".join(map(str, tokens))
+                                                 if tokens else "") + ">"
+    flat_rows = -1 if rows is None else rows
+
+    @tf.custom_gradient
+    def loss_fn(y_true, y_pred):
+        flat_pred = tf.reshape(y_pred, [flat_rows, num_classes])
+        flat_true = tf.reshape(y_true, [flat_rows] + ([] if sparse else [num_classes]))
+        loss, row_keep, row_stats = _call(
+            CE_FORWARD_TARGETS[sparse], [flat_true, flat_pred],
+            [([rows], dtype), ([rows], tf.uint8), ([rows, 2], tf.float64)],
+            tokens_attr + ", " + options, CE_REGISTERED_PLATFORMS)
+
+        def grad(grad_loss):
+            flat_grad_loss = tf.reshape(grad_loss, [flat_rows])
+            (grad_y_pred,) = _call(CE_GRAD_TARGETS[sparse],
+                                   [flat_true, flat_pred, row_keep, row_stats, flat_grad_loss],
+                                   [([rows, num_classes], dtype)], options,
+                                   CE_REGISTERED_PLATFORMS)
+            return None, tf.reshape(grad_y_pred, tf.shape(y_pred))
 
         return tf.reshape(loss, loss_shape), grad
 
