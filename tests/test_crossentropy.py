@@ -361,7 +361,7 @@ def test_bad_ids_and_tokens_raise_clear_errors():
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
                        match="masked token id 6 is outside"):
         fm.masked_crossentropy(tf.one_hot([0, 1, 2, 3], 6), y_pred, end_token=6)
-    with pytest.raises(ValueError, match="must be a class id >= 0"):
+    with pytest.raises(ValueError, match="start_token must be a class id in \\[0, 2\\*\\*63\\), got -1"):
         fm.masked_crossentropy(tf.one_hot([0, 1, 2, 3], 6), y_pred, start_token=-1)
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match="same shape"):
         fm.masked_crossentropy(tf.zeros((4, 5)), y_pred)
