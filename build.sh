@@ -42,9 +42,11 @@ OP_LIBRARY_SOURCES=(cc/tf/masked_mae_ops.cc cc/tf/masked_mae_kernels.cc)
 # loops (each sets its own target by pragma; the x86 ones are empty elsewhere).
 CPU_SOURCES=(cc/cpu/masked_mae_cpu.cc cc/cpu/masked_mae_cpu_baseline.cc
   cc/cpu/masked_mae_cpu_avx2.cc cc/cpu/masked_mae_cpu_avx512.cc)
-# XLA FFI handlers (custom calls under jit_compile), in the op library; the
-# CUDA ones compile to nothing without GOOGLE_CUDA. They need
-# libtensorflow_cc.so.2 (the FFI API).
+# XLA FFI handlers (custom calls under jit_compile, and JAX's kernels) in their
+# own TensorFlow-free library, _xla_ffi.so (only TensorFlow's FFI headers, API
+# 0.2, which TensorFlow 2.21 and JAX both accept; libc/libstdc++ and the
+# dlopen'ed CUDA driver at run time). TensorFlow registers them after its
+# import, JAX from Python. The CUDA ones compile to nothing without GOOGLE_CUDA.
 XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/masked_mae_ffi_cuda.cc)
 # Device code only (tools/build_device_code.sh); the host side of the launchers
 # and the driver loader are plain C++ (empty when built without CUDA).
@@ -143,12 +145,14 @@ import tensorflow as tf
 print(" ".join(tf.sysconfig.get_compile_flags()))
 print(" ".join(tf.sysconfig.get_link_flags()))
 print(tf.__version__)
-print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
-  local tf_cflags tf_lflags tf_version ext_suffix
+print(sysconfig.get_config_var("EXT_SUFFIX"))
+print(tf.sysconfig.get_include())' 2>/dev/null)"
+  local tf_cflags tf_lflags tf_version ext_suffix tf_include
   tf_cflags="$(sed -n 1p <<<"$tf_info")"
   tf_lflags="$(sed -n 2p <<<"$tf_info")"
   tf_version="$(sed -n 3p <<<"$tf_info")"
   ext_suffix="$(sed -n 4p <<<"$tf_info")"
+  tf_include="$(sed -n 5p <<<"$tf_info")"
 
   local host_flags=(-O3 -fPIC -I"$ROOT" -Wall -Wno-sign-compare -DNDEBUG)
   # Extra flags: CXXFLAGS_EXTRA everywhere, unless TF_CXXFLAGS_EXTRA overrides
@@ -204,11 +208,14 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
     core_cpu_objs+=("$cpu_obj_core")
   done
   # XLA's FFI headers (api.h) trip g++'s -Wreturn-type on exhaustive switches.
+  # Only the headers come from the TensorFlow wheel (-isystem: no TensorFlow
+  # flags, no TensorFlow library).
+  local xla_objs=()
   for src in "${XLA_FFI_SOURCES[@]}"; do
     local xla_obj="$BUILD_DIR/$(basename "${src%.cc}").o"
-    compile "$xla_obj" "$ROOT/$src" g++ "${host_flags[@]}" "${tf_extra[@]}" "${tf_flags[@]}" \
-      -Wno-return-type "${cuda_defs[@]}" -c "$ROOT/$src" -o "$xla_obj"
-    op_objs+=("$xla_obj")
+    compile "$xla_obj" "$ROOT/$src" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
+      -isystem"$tf_include" -Wno-return-type "${cuda_defs[@]}" -c "$ROOT/$src" -o "$xla_obj"
+    xla_objs+=("$xla_obj")
   done
   local core_obj="$BUILD_DIR/core_module.o"
   compile "$core_obj" "$ROOT/$CORE_SOURCE" g++ "${host_flags[@]}" "${core_extra[@]}" -std=c++17 \
@@ -217,14 +224,18 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
 
   # Link to a temporary name, then rename: a process loading the package
   # meanwhile sees the old or the new library, never half of one.
-  log "linking _masked_mae_ops.so (TensorFlow $tf_version) and _core (CUDA: $cuda_enabled)"
+  log "linking _masked_mae_ops.so (TensorFlow $tf_version), _xla_ffi.so and _core (CUDA: $cuda_enabled)"
   g++ -shared "${tf_extra[@]}" -o "$BUILD_DIR/_masked_mae_ops.so" "${op_objs[@]}" "${cuda_objs[@]}" \
     "${cuda_libs[@]}" $tf_lflags -l:libtensorflow_cc.so.2 -Wl,--exclude-libs,ALL -Wl,--no-undefined
+  # No TensorFlow: -Wl,--no-undefined proves it (only libc, libstdc++, libdl).
+  g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_xla_ffi.so" "${xla_objs[@]}" \
+    "${core_cpu_objs[@]}" "${cuda_objs[@]}" -ldl -Wl,--exclude-libs,ALL -Wl,--no-undefined
   g++ -shared "${core_extra[@]}" -o "$BUILD_DIR/_core$ext_suffix" "$core_obj" "${core_cpu_objs[@]}" \
     "${cuda_objs[@]}" "${cuda_libs[@]}" \
     -Wl,--exclude-libs,ALL
   rm -f "$PKG_DIR"/_core.*.so
   mv -f "$BUILD_DIR/_masked_mae_ops.so" "$PKG_DIR/_masked_mae_ops.so"
+  mv -f "$BUILD_DIR/_xla_ffi.so" "$PKG_DIR/_xla_ffi.so"
   mv -f "$BUILD_DIR/_core$ext_suffix" "$PKG_DIR/_core$ext_suffix"
 
   cat >"$PKG_DIR/_build_info.py" <<EOF

@@ -1,6 +1,8 @@
 // Validation and registration shared by the XLA FFI handlers (masked_mae_ffi.h).
 #include "cc/xla/masked_mae_ffi.h"
 
+#include <dlfcn.h>
+
 #include <mutex>
 #include <string>
 #include <vector>
@@ -134,57 +136,128 @@ ffi::ErrorOr<RowGeometry> ValidateGrad(const ffi::AnyBuffer& y_true, const ffi::
 
 namespace {
 
-std::mutex& RegistryMutex() {
+struct HandlerEntry {
+  std::string platform;
+  std::string target;
+  XLA_FFI_Handler* handler;
+  bool allowed;
+};
+
+std::mutex& TableMutex() {
   static auto* mu = new std::mutex;
   return *mu;
 }
 
-std::vector<std::string>& RegistryLines() {
-  static auto* lines = new std::vector<std::string>;
-  return *lines;
+std::vector<HandlerEntry>& Table() {
+  static auto* table = new std::vector<HandlerEntry>;
+  return *table;
 }
 
-void RegisterHandler(const char* target, const char* platform, XLA_FFI_Handler* handler) {
-  std::string line = std::string(platform) + " " + target;
-  const XLA_FFI_Api* api = ffi::GetXlaFfiApi();
+// TensorFlow's FFI API: xla::ffi::GetXlaFfiApi() from libtensorflow_framework.so.2,
+// found in the process's global scope (TensorFlow's Python import puts it
+// there), or in that library if it is loaded at all. Null without TensorFlow.
+const XLA_FFI_Api* TensorFlowFfiApi() {
+  using Accessor = const XLA_FFI_Api* (*)();
+  constexpr const char* kSymbol = "_ZN3xla3ffi12GetXlaFfiApiEv";  // xla::ffi::GetXlaFfiApi()
+  void* symbol = dlsym(RTLD_DEFAULT, kSymbol);
+  if (symbol == nullptr) {
+    if (void* tf = dlopen("libtensorflow_framework.so.2", RTLD_NOW | RTLD_NOLOAD)) {
+      symbol = dlsym(tf, kSymbol);
+      dlclose(tf);  // RTLD_NOLOAD took a reference; TensorFlow stays loaded
+    }
+  }
+  return symbol == nullptr ? nullptr : reinterpret_cast<Accessor>(symbol)();
+}
+
+std::string RegisterHandler(const XLA_FFI_Api* api, const HandlerEntry& entry) {
+  std::string line = entry.platform + " " + entry.target;
   if (api == nullptr) {
-    line += " error: the XLA FFI API is not available";
-  } else if (XLA_FFI_Error* error = ffi::Ffi::RegisterStaticHandler(api, target, platform,
-                                                                     handler)) {
+    return line + " error: TensorFlow's XLA FFI API was not found in this process (import "
+                  "tensorflow before registering)";
+  }
+  if (XLA_FFI_Error* error = ffi::Ffi::RegisterStaticHandler(api, entry.target, entry.platform,
+                                                             entry.handler)) {
     line += std::string(" error: ") + ffi::internal::GetErrorMessage(api, error);
     ffi::internal::DestroyError(api, error);
-  } else {
-    line += " ok";
+    return line;
   }
-  std::lock_guard<std::mutex> lock(RegistryMutex());
-  RegistryLines().push_back(line);
+  return line + " ok";
 }
 
 }  // namespace
 
-void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
-                      XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
-                      XLA_FFI_Handler* sparse_grad) {
-  RegisterHandler(kForwardTarget, platform, forward);
-  RegisterHandler(kSparseForwardTarget, platform, sparse_forward);
-  RegisterHandler(kGradTarget, platform, grad);
-  RegisterHandler(kSparseGradTarget, platform, sparse_grad);
+void AddHandlers(const char* platform, bool allowed, XLA_FFI_Handler* forward,
+                 XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
+                 XLA_FFI_Handler* sparse_grad) {
+  std::lock_guard<std::mutex> lock(TableMutex());
+  for (const auto& [target, handler] :
+       {std::pair<const char*, XLA_FFI_Handler*>{kForwardTarget, forward},
+        {kSparseForwardTarget, sparse_forward},
+        {kGradTarget, grad},
+        {kSparseGradTarget, sparse_grad}}) {
+    Table().push_back(HandlerEntry{platform, target, handler, allowed});
+  }
 }
 
-std::string RegistrationReport() {
-  std::lock_guard<std::mutex> lock(RegistryMutex());
+std::string RegisterWithTensorFlow() {
+  // Once per process: XLA refuses a second registration of a target.
+  static const std::string* report = [] {
+    std::vector<HandlerEntry> entries;
+    {
+      std::lock_guard<std::mutex> lock(TableMutex());
+      entries = Table();
+    }
+    const XLA_FFI_Api* api = TensorFlowFfiApi();
+    std::string out;
+    for (const auto& entry : entries) {
+      if (entry.allowed) out += RegisterHandler(api, entry) + "\n";
+    }
+    return new std::string(out);
+  }();
+  return *report;
+}
+
+XLA_FFI_Handler* FindHandler(const std::string& platform, const std::string& target) {
+  std::lock_guard<std::mutex> lock(TableMutex());
+  for (const auto& entry : Table()) {
+    if (entry.allowed && entry.platform == platform && entry.target == target) {
+      return entry.handler;
+    }
+  }
+  return nullptr;
+}
+
+std::string Targets() {
+  std::lock_guard<std::mutex> lock(TableMutex());
   std::string out;
-  for (const auto& line : RegistryLines()) out += line + "\n";
+  for (const auto& entry : Table()) {
+    out += entry.platform + " " + entry.target + (entry.allowed ? " allowed\n" : " refused\n");
+  }
   return out;
 }
 
 }  // namespace fused_masked_mae::xla_ffi
 
-// For the Python package (ctypes), which turns any error line into an
-// ImportError or a logged fallback (python/fused_masked_mae/xla.py).
+// For the Python package (ctypes). TensorFlow: registers the handlers with
+// TensorFlow's XLA on the first call and returns the report, which
+// python/fused_masked_mae/xla.py turns into an ImportError or a logged
+// fallback.
 extern "C" __attribute__((visibility("default"))) const char*
-FusedMaskedMaeXlaRegistrationReport() {
+FusedMaskedMaeXlaRegisterWithTensorFlow() {
   static const std::string* report =
-      new std::string(fused_masked_mae::xla_ffi::RegistrationReport());
+      new std::string(fused_masked_mae::xla_ffi::RegisterWithTensorFlow());
   return report->c_str();
+}
+
+// JAX: the handler of `target` for `platform` ("Host" or "CUDA"), or null when
+// this build has none or it may not run here (CUDA below the driver floor).
+extern "C" __attribute__((visibility("default"))) void* FusedMaskedMaeXlaHandler(
+    const char* platform, const char* target) {
+  return reinterpret_cast<void*>(fused_masked_mae::xla_ffi::FindHandler(platform, target));
+}
+
+// Every handler in the table: "<platform> <target> allowed|refused" lines.
+extern "C" __attribute__((visibility("default"))) const char* FusedMaskedMaeXlaTargets() {
+  static const std::string* targets = new std::string(fused_masked_mae::xla_ffi::Targets());
+  return targets->c_str();
 }

@@ -20,11 +20,12 @@
 #include "cc/math/masked_mae_row.h"
 #include "xla/ffi/api/ffi.h"
 
-namespace xla::ffi {
-// Exported by the TensorFlow wheel's libtensorflow_cc.so.2 (the C accessor
-// XLA_FFI_GetApi that c_api.h declares is exported by nothing).
-const XLA_FFI_Api* GetXlaFfiApi();
-}  // namespace xla::ffi
+// This library links no framework. TensorFlow's XLA FFI API (its C++
+// accessor xla::ffi::GetXlaFfiApi(), exported by libtensorflow_framework.so.2)
+// is looked up in the process when the Python package registers the handlers
+// with TensorFlow (RegisterWithTensorFlow); JAX takes the handler pointers
+// instead. Every handler reaches its XLA through the call frame's own API, so
+// one binary serves both.
 
 namespace fused_masked_mae::xla_ffi {
 
@@ -194,22 +195,34 @@ ffi::Error DispatchGrad(ffi::AnyBuffer y_true, ffi::AnyBuffer y_pred, ffi::AnyBu
   });
 }
 
-// Registers the four handlers of `platform` and records each outcome for
-// RegistrationReport(). Called from static initializers.
-void RegisterHandlers(const char* platform, XLA_FFI_Handler* forward,
-                      XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
-                      XLA_FFI_Handler* sparse_grad);
+// Records the four handlers of `platform` in the library's handler table
+// (called from static initializers; `allowed` false: the platform's handlers
+// exist but must not run here, e.g. an NVIDIA driver below the floor).
+// Nothing is registered with any XLA yet: TensorFlow's registration is
+// RegisterWithTensorFlow() (called by the Python package after importing
+// TensorFlow), JAX's is jax.ffi.register_ffi_target with the handler
+// pointers from FusedMaskedMaeXlaHandler() (python/fused_masked_mae/jax.py).
+void AddHandlers(const char* platform, bool allowed, XLA_FFI_Handler* forward,
+                 XLA_FFI_Handler* sparse_forward, XLA_FFI_Handler* grad,
+                 XLA_FFI_Handler* sparse_grad);
 
-// One line per registration: "<platform> <target> ok" or
-// "<platform> <target> error: <message>".
-std::string RegistrationReport();
+// Registers every allowed handler with TensorFlow's XLA (once per process)
+// and returns the report: one line per registration, "<platform> <target> ok"
+// or "<platform> <target> error: <message>".
+std::string RegisterWithTensorFlow();
+
+// The allowed handler of `target` for `platform`, or null.
+XLA_FFI_Handler* FindHandler(const std::string& platform, const std::string& target);
+
+// The table: "<platform> <target> allowed|refused" per line.
+std::string Targets();
 
 }  // namespace fused_masked_mae::xla_ffi
 
 // Defines the four handler symbols of a platform from the Forward<kSparse> and
 // Grad<kSparse> functions in scope, bound with CONTEXT (the platform's thread
-// pool or stream), and registers them for PLATFORM when the library loads
-// (the _IF form: only when CONDITION, evaluated then, holds).
+// pool or stream), and records them for PLATFORM in the handler table when the
+// library loads (the _IF form: allowed only when CONDITION, evaluated then, holds).
 #define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS(PLATFORM, SUFFIX, CONTEXT) \
   FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF(PLATFORM, SUFFIX, CONTEXT, true)
 #define FUSED_MASKED_MAE_DEFINE_XLA_HANDLERS_IF(PLATFORM, SUFFIX, CONTEXT, CONDITION)      \
@@ -220,11 +233,10 @@ std::string RegistrationReport();
   XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeGrad##SUFFIX, Grad<false>, BindGrad<CONTEXT>()); \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedMaskedMaeSparseGrad##SUFFIX, Grad<true>,              \
                                 BindGrad<CONTEXT>());                                      \
-  static const bool kRegistered##SUFFIX = [] {                                             \
-    if (!(CONDITION)) return false;                                                        \
-    RegisterHandlers(PLATFORM, FusedMaskedMaeForward##SUFFIX,                              \
-                     FusedMaskedMaeSparseForward##SUFFIX, FusedMaskedMaeGrad##SUFFIX,      \
-                     FusedMaskedMaeSparseGrad##SUFFIX);                                    \
+  static const bool kRecorded##SUFFIX = [] {                                               \
+    AddHandlers(PLATFORM, (CONDITION), FusedMaskedMaeForward##SUFFIX,                      \
+                FusedMaskedMaeSparseForward##SUFFIX, FusedMaskedMaeGrad##SUFFIX,           \
+                FusedMaskedMaeSparseGrad##SUFFIX);                                         \
     return true;                                                                           \
   }()
 

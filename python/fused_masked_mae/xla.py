@@ -14,6 +14,9 @@ with XLA by the op library when it loads (cc/xla/):
 
 for the "Host" (CPU) and, in CUDA builds, the "CUDA" platform. They run the
 same launchers as the TensorFlow kernels, so results are the op's bit for bit.
+The handlers live in the TensorFlow-free library _xla_ffi.so
+(fused_masked_mae._handlers), which JAX uses too; this module registers them
+with TensorFlow's XLA once, on import.
 The gradient is the grad custom call (`tf.custom_gradient`), fed by the
 forward's row_keep.
 
@@ -24,25 +27,16 @@ handlers, an unknown number of classes) `use_custom_call()` is False and the
 losses build the composite of plain ops instead, saying so once in the log.
 """
 
-import ctypes
 import logging
 import os
 
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla as _tf_xla
 
-from fused_masked_mae._loader import LIBRARY_PATH
+from fused_masked_mae import _handlers
+from fused_masked_mae._handlers import ALL_TARGETS, FORWARD_TARGETS, GRAD_TARGETS  # noqa: F401
 
 _log = logging.getLogger("fused_masked_mae")
-
-# A SavedModel loaded without the package fails with XLA's "No FFI handler
-# registered for <target>": the suffix says what to import.
-_SUFFIX = ".import_fused_masked_mae"
-FORWARD_TARGETS = {False: "fused_masked_mae_forward" + _SUFFIX,
-                   True: "fused_masked_mae_sparse_forward" + _SUFFIX}
-GRAD_TARGETS = {False: "fused_masked_mae_grad" + _SUFFIX,
-                True: "fused_masked_mae_sparse_grad" + _SUFFIX}
-ALL_TARGETS = frozenset(FORWARD_TARGETS.values()) | frozenset(GRAD_TARGETS.values())
 
 # XlaCallModule's platform names for the FFI platforms the handlers register for.
 _CALL_MODULE_PLATFORMS = {"Host": "CPU", "CUDA": "CUDA"}
@@ -53,16 +47,11 @@ _MLIR_TYPES = {
 }
 
 
-def registration_report(path=LIBRARY_PATH):
+def registration_report():
     """{platform: {target: None if registered, else the error message}}, as the
-    op library recorded its XLA FFI registrations when it loaded."""
-    library = ctypes.CDLL(path)  # the already loaded library: same handle
-    library.FusedMaskedMaeXlaRegistrationReport.restype = ctypes.c_char_p
-    report = {}
-    for line in library.FusedMaskedMaeXlaRegistrationReport().decode().splitlines():
-        platform, target, outcome = line.split(" ", 2)
-        report.setdefault(platform, {})[target] = None if outcome == "ok" else outcome
-    return report
+    handler library (_xla_ffi.so) recorded its registrations with TensorFlow's
+    XLA (made on the first call, once per process)."""
+    return _handlers.register_with_tensorflow()
 
 
 def check_registrations(report):
