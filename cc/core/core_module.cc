@@ -1,8 +1,12 @@
 // fused_masked_mae._core: the loss and its gradient without TensorFlow.
 //
 // - forward / gradient: NumPy arrays on the CPU, through the same row code
-//   (masked_mae_row.h) as the TensorFlow CPU kernel; cpu_isa() names the
-//   instruction-set variant it runs.
+//   (masked_mae_row.h) as the TensorFlow CPU kernel, rows sharded over a
+//   thread pool (core_thread_pool.h; `threads`, default all hardware threads;
+//   the bits do not depend on it); cpu_isa() names the instruction-set variant.
+// - cpu_forward / cpu_gradient: the same on raw host pointers (the torch
+//   front door, python/fused_masked_mae/torch.py, which checks shapes, dtypes
+//   and contiguity before passing them).
 // - cuda_forward / cuda_gradient: raw device pointers (from CuPy or PyTorch,
 //   see python/fused_masked_mae/core.py), through the same CUDA launchers as
 //   the TensorFlow GPU kernels, on the device that holds the arrays (all on
@@ -23,6 +27,7 @@
 #include <vector>
 
 #include "cc/math/host_float16.h"
+#include "cc/core/core_thread_pool.h"
 #include "cc/cpu/masked_mae_cpu.h"
 #include "cc/math/masked_mae_row.h"
 
@@ -153,7 +158,8 @@ std::vector<int64_t> LossShape(const py::array& y_pred) {
 
 // Runs the CPU forward launcher; returns the loss, and row_keep when asked.
 py::object Forward(const py::array& y_true, const py::array& y_pred,
-                   const std::vector<int64_t>& masked_tokens, bool sparse, bool return_keep) {
+                   const std::vector<int64_t>& masked_tokens, bool sparse, bool return_keep,
+                   int threads) {
   const RowView view = CheckTargets(y_true, y_pred, sparse);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
@@ -167,7 +173,8 @@ py::object Forward(const py::array& y_true, const py::array& y_pred,
     uint8_t* keep = row_keep.mutable_data();
     WithTargets<T>(y_true, sparse, [&](const auto* targets) {
       py::gil_scoped_release release;
-      CpuMaskedMaeForward(targets, p, view.rows, view.num_classes, tokens, o, keep, SerialFor);
+      CpuMaskedMaeForward(targets, p, view.rows, view.num_classes, tokens, o, keep,
+                          CoreThreadPool::Get().For(threads));
       return 0;
     });
     return out;
@@ -180,7 +187,7 @@ py::object Forward(const py::array& y_true, const py::array& y_pred,
 // masked tokens, running the forward launcher for the keep bytes first.
 py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
                    const std::vector<int64_t>& masked_tokens, bool sparse,
-                   const py::object& row_keep) {
+                   const py::object& row_keep, int threads) {
   const RowView view = CheckTargets(y_true, y_pred, sparse);
   const std::vector<int64_t> loss_shape = LossShape(y_pred);
   if (ShapeOf(grad_loss) != loss_shape) {
@@ -191,7 +198,7 @@ py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::a
   CheckCpuArray(grad_loss, "grad_loss", y_pred.dtype());
   py::array keep;
   if (row_keep.is_none()) {
-    keep = Forward(y_true, y_pred, masked_tokens, sparse, true).cast<py::tuple>()[1];
+    keep = Forward(y_true, y_pred, masked_tokens, sparse, true, threads).cast<py::tuple>()[1];
   } else {
     if (!masked_tokens.empty()) {
       Fail("pass masked_tokens or row_keep, not both: row_keep already says which rows are "
@@ -213,10 +220,92 @@ py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::a
     T* out = static_cast<T*>(grad.mutable_data());
     WithTargets<T>(y_true, sparse, [&](const auto* targets) {
       py::gil_scoped_release release;
-      CpuMaskedMaeGradient(targets, p, k, g, view.rows, view.num_classes, out, SerialFor);
+      CpuMaskedMaeGradient(targets, p, k, g, view.rows, view.num_classes, out,
+                           CoreThreadPool::Get().For(threads));
       return 0;
     });
     return grad;
+  });
+}
+
+// --- CPU (raw host pointers, for the torch front door) -------------------------
+
+// Calls fn(T-typed zero) for a dtype name.
+template <typename Fn>
+void DispatchDtypeName(const std::string& dtype, Fn&& fn) {
+  if (dtype == "float32") return fn(float{});
+  if (dtype == "float64") return fn(double{});
+  if (dtype == "float16") return fn(HostHalf{});
+  if (dtype == "bfloat16") return fn(HostBFloat16{});
+  throw py::type_error("dtype must be float16, bfloat16, float32 or float64, got " + dtype);
+}
+
+// Calls fn(targets) with y_true as T values (id_dtype "") or int32/int64 ids,
+// after checking every id is in [0, C) (host memory: the CPU kernels' rule).
+template <typename T, typename Fn>
+void DispatchHostTargets(uintptr_t y_true, const std::string& id_dtype, const RowView& view,
+                         Fn&& fn) {
+  if (id_dtype.empty()) return fn(reinterpret_cast<const T*>(y_true));
+  std::string invalid;
+  if (id_dtype == "int32") {
+    const auto* ids = reinterpret_cast<const int32_t*>(y_true);
+    invalid = InvalidClassIdMessage(ids, view.rows, view.num_classes);
+    if (invalid.empty()) return fn(ids);
+  } else if (id_dtype == "int64") {
+    const auto* ids = reinterpret_cast<const int64_t*>(y_true);
+    invalid = InvalidClassIdMessage(ids, view.rows, view.num_classes);
+    if (invalid.empty()) return fn(ids);
+  } else {
+    throw py::type_error("id_dtype must be '', 'int32' or 'int64', got " + id_dtype);
+  }
+  Fail(invalid);
+}
+
+void CheckHostPointers(std::initializer_list<std::pair<const char*, uintptr_t>> pointers,
+                       int64_t rows) {
+  for (const auto& [name, ptr] : pointers) {
+    if (rows > 0 && ptr == 0) Fail(std::string(name) + " is a null pointer");
+  }
+}
+
+// The forward on row-major contiguous host memory: loss[rows] and (when not
+// 0) row_keep[rows] from y_true (values or ids) and y_pred [..., C].
+void CpuForwardPointers(uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, uintptr_t row_keep,
+                        const std::vector<int64_t>& shape, const std::string& dtype,
+                        const std::vector<int64_t>& masked_tokens, const std::string& id_dtype,
+                        int threads) {
+  const RowView view = CheckRowShape(shape);
+  const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
+  CheckHostPointers({{"y_true", y_true}, {"y_pred", y_pred}, {"loss", loss}}, view.rows);
+  DispatchDtypeName(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    DispatchHostTargets<T>(y_true, id_dtype, view, [&](const auto* targets) {
+      py::gil_scoped_release release;
+      CpuMaskedMaeForward(targets, reinterpret_cast<const T*>(y_pred), view.rows,
+                          view.num_classes, tokens, reinterpret_cast<T*>(loss),
+                          reinterpret_cast<uint8_t*>(row_keep),
+                          CoreThreadPool::Get().For(threads));
+    });
+  });
+}
+
+// The gradient on host memory from the forward's row_keep.
+void CpuGradientPointers(uintptr_t y_true, uintptr_t y_pred, uintptr_t row_keep,
+                         uintptr_t grad_loss, uintptr_t grad_y_pred,
+                         const std::vector<int64_t>& shape, const std::string& dtype,
+                         const std::string& id_dtype, int threads) {
+  const RowView view = CheckRowShape(shape);
+  CheckHostPointers({{"y_true", y_true}, {"y_pred", y_pred}, {"row_keep", row_keep},
+                     {"grad_loss", grad_loss}, {"grad_y_pred", grad_y_pred}}, view.rows);
+  DispatchDtypeName(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    DispatchHostTargets<T>(y_true, id_dtype, view, [&](const auto* targets) {
+      py::gil_scoped_release release;
+      CpuMaskedMaeGradient(targets, reinterpret_cast<const T*>(y_pred),
+                           reinterpret_cast<const uint8_t*>(row_keep),
+                           reinterpret_cast<const T*>(grad_loss), view.rows, view.num_classes,
+                           reinterpret_cast<T*>(grad_y_pred), CoreThreadPool::Get().For(threads));
+    });
   });
 }
 
@@ -408,15 +497,26 @@ PYBIND11_MODULE(_core, m) {
       "The CPU variants this machine can run, least to most capable.");
   m.def("forward", &Forward, py::arg("y_true"), py::arg("y_pred"),
         py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
-        py::arg("return_keep") = false,
+        py::arg("return_keep") = false, py::arg("threads") = 0,
         "Per-position loss [...] for C-contiguous NumPy arrays [..., C] (sparse: y_true is "
         "int32/int64 class ids [...]); with return_keep, (loss, row_keep) where row_keep is "
         "the uint8 keep byte per row that gradient() takes.");
   m.def("gradient", &Gradient, py::arg("y_true"), py::arg("y_pred"), py::arg("grad_loss"),
         py::arg("masked_tokens") = std::vector<int64_t>{}, py::arg("sparse") = false,
-        py::arg("row_keep") = py::none(),
+        py::arg("row_keep") = py::none(), py::arg("threads") = 0,
         "d loss / d y_pred for NumPy arrays (d loss / d y_true is its negative), from the "
         "forward's row_keep or, without it, from masked_tokens.");
+  m.def("cpu_forward", &CpuForwardPointers, py::arg("y_true"), py::arg("y_pred"),
+        py::arg("loss"), py::arg("row_keep"), py::arg("shape"), py::arg("dtype"),
+        py::arg("masked_tokens"), py::arg("id_dtype") = std::string(), py::arg("threads") = 0,
+        "The forward on raw host pointers (row-major, contiguous, checked by the caller); "
+        "writes the keep byte per row to row_keep unless it is 0.");
+  m.def("cpu_gradient", &CpuGradientPointers, py::arg("y_true"), py::arg("y_pred"),
+        py::arg("row_keep"), py::arg("grad_loss"), py::arg("grad_y_pred"), py::arg("shape"),
+        py::arg("dtype"), py::arg("id_dtype") = std::string(), py::arg("threads") = 0,
+        "The gradient on raw host pointers from the forward's row_keep.");
+  m.def("default_threads", &CoreThreadPool::DefaultThreads,
+        "How many threads the CPU functions use when `threads` is 0 (the hardware threads).");
   m.attr("MAX_MASKED_TOKENS") = kMaxMaskedTokens;
   m.def("probe_bandwidth", &ProbeBandwidth, py::arg("mode"), py::arg("megabytes") = 512.0,
         py::arg("threads") = 1, py::arg("repeats") = 5,
