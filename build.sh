@@ -65,13 +65,14 @@ setup_venv() {
     log "creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
+  # requirements-frameworks.txt: JAX and PyTorch, for their front doors' tests.
   local stamp="$VENV/.requirements.sha"
   local want
-  want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+  want="$(cat requirements.txt requirements-frameworks.txt | sha256sum | cut -d' ' -f1)"
   if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    log "installing pinned dependencies (requirements.txt)"
+    log "installing pinned dependencies (requirements.txt, requirements-frameworks.txt)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -r requirements.txt
+    "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-frameworks.txt
     echo "$want" >"$stamp"
   fi
 }

@@ -33,11 +33,14 @@ def package_version():
 
 
 major, minor = built_tensorflow_version().split(".")[:2]
+# The oldest JAX found to run the handlers (tests/test_jax_versions.py records how).
+JAX_MINIMUM = "0.4.31"
 
 setup(
     name="fused_masked_mae",
     version=package_version(),
-    description="Fused C++/CUDA masked mean-absolute-error loss op for TensorFlow/Keras",
+    description=("Fused C++/CUDA masked mean-absolute-error loss for Keras 3 (TensorFlow, JAX, "
+                 "PyTorch backends), TensorFlow, JAX and PyTorch"),
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -45,8 +48,18 @@ setup(
     package_dir={"": "python"},
     packages=["fused_masked_mae"],
     package_data={"fused_masked_mae": ["*.so"]},
-    # The op library is ABI-bound to this TensorFlow minor version.
-    install_requires=[f"tensorflow>={major}.{minor},<{major}.{int(minor) + 1}", "numpy"],
+    # `import fused_masked_mae` needs only NumPy; each framework is an extra.
+    # The TensorFlow op library is ABI-bound to this TensorFlow minor version
+    # (fused_masked_mae._loader refuses another one at import). The JAX range
+    # starts at the oldest release that accepts the handlers' FFI API 0.2
+    # (README, "Versions"); torch needs torch.library.custom_op (2.4+).
+    install_requires=["numpy"],
+    extras_require={
+        "tensorflow": [f"tensorflow>={major}.{minor},<{major}.{int(minor) + 1}"],
+        "jax": [f"jax>={JAX_MINIMUM}", f"jaxlib>={JAX_MINIMUM}"],
+        "torch": ["torch>=2.4"],
+        "keras": ["keras>=3.0"],
+    },
     distclass=BinaryDistribution,
     zip_safe=False,
 )

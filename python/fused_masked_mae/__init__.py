@@ -1,10 +1,18 @@
-"""fused_masked_mae: a fused C++/CUDA masked mean-absolute-error loss for TensorFlow/Keras.
+"""fused_masked_mae: one fused C++/CUDA masked mean-absolute-error loss for
+Keras 3 (TensorFlow, JAX and PyTorch backends), TensorFlow, JAX and PyTorch.
 
-    from fused_masked_mae import MaskedMAE
+    from fused_masked_mae import MaskedMAE                 # Keras 3, any backend
     model.compile(optimizer="adam", loss=MaskedMAE(start_token=2, end_token=1548))
 
-Without TensorFlow installed (e.g. a GPU test machine), only the TF-free
-kernels are available: `fused_masked_mae.core` and `fused_masked_mae._core`.
+    fused_masked_mae.masked_mae(y_true, y_pred, 2, 1548)   # TensorFlow op
+    fused_masked_mae.jax.masked_mae(...)                   # JAX (XLA FFI custom calls)
+    fused_masked_mae.torch.masked_mae(...)                 # PyTorch (custom ops)
+    fused_masked_mae.core.forward(...)                     # NumPy / raw device arrays
+
+`import fused_masked_mae` imports no framework: each name loads its backend's
+module on first use. Once TensorFlow is imported (before or after this
+package) the op library is loaded, so a SavedModel calling the op reloads;
+once Keras is imported the losses are registered for `.keras` loading.
 
 The CPU kernels come in instruction-set variants (baseline x86-64, AVX2, AVX-512)
 with bit-identical results; `cpu_isa()` names the one in use, and the
@@ -12,77 +20,70 @@ environment variable FUSED_MASKED_MAE_CPU_ISA=baseline|avx2|avx512, read once
 at import, forces one (an unknown or unsupported value fails the import).
 """
 
-import importlib.util
+import importlib
 
 # Loading _core chooses the CPU variant and raises ImportError when
 # FUSED_MASKED_MAE_CPU_ISA is unknown or unsupported here.
 from fused_masked_mae import _core as _core_module
+from fused_masked_mae import _lazy
+from fused_masked_mae.tokens import MAX_MASKED_TOKENS
 
 __version__ = "0.1.0"
-__all__ = [
-    "MAX_MASKED_TOKENS",
-    "MaskedMAE",
-    "ReferenceMaskedMAE",
-    "SparseMaskedMAE",
-    "cpu_isa",
-    "in_xla_context",
-    "masked_mae",
-    "masked_mae_loss_fn",
-    "masked_mae_tokens",
-    "reference_masked_mae",
-    "reference_masked_mae_tokens",
-    "reference_sparse_masked_mae",
-    "sparse_masked_mae",
-]
 
+# Public name -> the module that defines it (imported on first access).
+_LAZY = {
+    "in_xla_context": "ops",
+    "masked_mae": "ops",
+    "masked_mae_tokens": "ops",
+    "ReferenceMaskedMAE": "reference",
+    "reference_masked_mae": "reference",
+    "reference_masked_mae_tokens": "reference",
+    "reference_sparse_masked_mae": "sparse",
+    "sparse_masked_mae": "sparse",
+    "MaskedMAE": "losses",
+    "SparseMaskedMAE": "losses",
+    "masked_mae_loss_fn": "losses",
+    "TfKerasMaskedMAE": "losses",
+}
+# Submodules reachable as attributes (fused_masked_mae.jax, .torch, ...).
+_SUBMODULES = ("core", "jax", "torch", "ops", "sparse", "losses", "reference", "xla",
+               "keras_backends")
+
+__all__ = ["MAX_MASKED_TOKENS", "cpu_isa"] + sorted(n for n in _LAZY if n != "TfKerasMaskedMAE")
 
 
 def cpu_isa():
     """The instruction-set variant the CPU kernels run: 'baseline', 'avx2' or 'avx512'.
 
     The best this CPU supports, or the one FUSED_MASKED_MAE_CPU_ISA names; chosen
-    once per process. The TensorFlow op library and `_core` choose the same way
-    (the import checks that they agree).
+    once per process. The TensorFlow op library, the XLA handler library and
+    `_core` choose alike (the imports check that they agree).
     """
     return _core_module.cpu_isa()
 
 
-if importlib.util.find_spec("tensorflow") is not None:
-    # Importing these loads the op library and registers the Keras loss for
-    # deserialization, so `import fused_masked_mae` is all a saved model needs.
-    from fused_masked_mae.ops import (
-        MAX_MASKED_TOKENS,
-        in_xla_context,
-        masked_mae,
-        masked_mae_tokens,
-    )
-    from fused_masked_mae.reference import (
-        ReferenceMaskedMAE,
-        reference_masked_mae,
-        reference_masked_mae_tokens,
-    )
-    from fused_masked_mae.losses import MaskedMAE, masked_mae_loss_fn
-    from fused_masked_mae.sparse import (
-        SparseMaskedMAE,
-        reference_sparse_masked_mae,
-        sparse_masked_mae,
-    )
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"fused_masked_mae.{_LAZY[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fused_masked_mae.{name}")
+    raise AttributeError(f"module 'fused_masked_mae' has no attribute {name!r}")
 
-    def __getattr__(name):
-        # Keras 2 users: fused_masked_mae.TfKerasMaskedMAE imports tf_keras on
-        # first access only (see losses.py).
-        if name == "TfKerasMaskedMAE":
-            from fused_masked_mae import losses
 
-            return losses.TfKerasMaskedMAE
-        raise AttributeError(f"module 'fused_masked_mae' has no attribute {name!r}")
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
-else:
 
-    def __getattr__(name):
-        if name in __all__:
-            raise ImportError(
-                f"fused_masked_mae.{name} needs TensorFlow (pip install the wheel's pinned "
-                "tensorflow); without it only fused_masked_mae.core is available"
-            )
-        raise AttributeError(f"module 'fused_masked_mae' has no attribute {name!r}")
+def _load_tensorflow_parts():
+    # The op library and its gradients, and the XLA handlers' registration.
+    importlib.import_module("fused_masked_mae.ops")
+    importlib.import_module("fused_masked_mae.sparse")
+
+
+def _register_keras_losses():
+    # keras.saving.register_keras_serializable of MaskedMAE / SparseMaskedMAE.
+    importlib.import_module("fused_masked_mae.losses")
+
+
+_lazy.when_imported("tensorflow", _load_tensorflow_parts)
+_lazy.when_imported("keras", _register_keras_losses)

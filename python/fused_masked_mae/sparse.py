@@ -5,13 +5,12 @@ in value and gradient, reading y_pred once and never building the one-hot
 tensor (as Keras' sparse cross-entropy does for cross-entropy).
 """
 
-import keras
 import tensorflow as tf
 
 from fused_masked_mae._loader import ops_library
 from fused_masked_mae import xla as _xla
 from fused_masked_mae.ops import _FLOAT_DTYPES, _check_static_shapes, in_xla_context
-from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
+from fused_masked_mae.tokens import masked_token_list
 from fused_masked_mae.reference import reference_masked_mae_tokens
 
 _ID_DTYPES = (tf.int32, tf.int64)
@@ -82,30 +81,5 @@ def _sparse_masked_mae_grad(op, grad_loss, _grad_row_keep):
     return None, grad_y_pred  # no gradient for integer ids
 
 
-@keras.saving.register_keras_serializable(package="fused_masked_mae")
-class SparseMaskedMAE(MaskedTokensConfig, keras.losses.Loss):
-    """MaskedMAE for integer class-id targets `[...]` (like Keras'
-    SparseCategoricalCrossentropy next to CategoricalCrossentropy).
-
-    y_true may arrive as a float tensor (Keras casts targets to the loss dtype)
-    or with a trailing axis of size 1; it is cast to int32 ids.
-    """
-
-    def __init__(
-        self,
-        start_token=None,
-        end_token=None,
-        reduction="sum_over_batch_size",
-        name="sparse_masked_mae",
-        dtype=None,
-        tokens=(),
-    ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._set_masked_tokens(start_token, end_token, tokens)
-
-    def call(self, y_true, y_pred):
-        y_pred = tf.convert_to_tensor(y_pred)
-        y_true = tf.convert_to_tensor(y_true)
-        if y_true.shape.rank is not None and y_true.shape.rank == y_pred.shape.rank:
-            y_true = tf.squeeze(y_true, axis=-1)  # [..., 1] ids, as Keras allows
-        return sparse_masked_mae_tokens(tf.cast(y_true, tf.int32), y_pred, self._tokens)
+# The Keras loss lives with MaskedMAE (every Keras backend); kept importable here.
+from fused_masked_mae.losses import SparseMaskedMAE  # noqa: E402,F401
