@@ -33,8 +33,8 @@ def package_version():
 
 
 major, minor = built_tensorflow_version().split(".")[:2]
-# The oldest JAX found to run the handlers (tests/test_jax_versions.py records how).
-JAX_MINIMUM = "0.4.31"
+# The oldest JAX that accepts the handlers (XLA FFI API 0.2; README, "Versions").
+JAX_MINIMUM = "0.8.1"
 
 setup(
     name="fused_masked_mae",

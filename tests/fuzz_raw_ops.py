@@ -1,5 +1,7 @@
 """A fuzzer of the raw ops (forward, gradient, sparse) and of _core, run under
-the sanitizers by `./build.sh sanitize`.
+the sanitizers by `./build.sh sanitize`; and of the JAX and torch entry points
+(fused_masked_mae.jax / .torch, which reach the XLA handler library and
+_core's pointer functions), where those frameworks are installed.
 
 Each case draws shapes (zero-sized dimensions, mismatches, rank 0), dtypes
 (valid and not), token lists (in range, negative, >= C, too many), sparse ids
@@ -115,16 +117,118 @@ def one_case(rng):
         return "rejected"
 
 
+# --- JAX and torch entry points (one block, so it merges as one table row) ----
+
+def _framework_entry_points():
+    """{kind: fn(rng, y_true, ids, y_pred, grad_loss, tokens) -> result shape}
+    and the errors they may raise, for the frameworks that import here."""
+    entries, errors = {}, []
+    try:
+        import jax
+        import jax.numpy as jnp
+
+        jax.config.update("jax_enable_x64", True)
+        from fused_masked_mae import jax as fmj
+
+        def run_jax(sparse, grad):
+            def call(rng, y_true, ids, y_pred, grad_loss, tokens):
+                t = jnp.asarray((ids if sparse else y_true).numpy())
+                p = jnp.asarray(y_pred.numpy())
+                fn = fmj.sparse_masked_mae_tokens if sparse else fmj.masked_mae_tokens
+                if grad:
+                    g = jnp.asarray(grad_loss.numpy())
+                    out = jax.vjp(lambda q: fn(t, q, tokens), p)[1](g)[0]
+                else:
+                    out = fn(t, p, tokens)
+                return list(jax.block_until_ready(out).shape)
+            return call
+
+        for sparse in (False, True):
+            for grad in (False, True):
+                entries[f"jax_{'sparse_' if sparse else ''}{'grad' if grad else 'forward'}"] = \
+                    run_jax(sparse, grad)
+        errors.append(jax.errors.JaxRuntimeError)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        from fused_masked_mae import torch as fmt
+
+        def to_torch(t):
+            if t.dtype == tf.bfloat16:
+                return torch.from_numpy(tf.bitcast(t, tf.int16).numpy()).view(torch.bfloat16)
+            return torch.from_numpy(t.numpy())
+
+        def run_torch(sparse, grad):
+            def call(rng, y_true, ids, y_pred, grad_loss, tokens):
+                t = to_torch(ids if sparse else y_true)
+                p = to_torch(y_pred).requires_grad_(grad and y_pred.dtype.is_floating)
+                fn = fmt.sparse_masked_mae_tokens if sparse else fmt.masked_mae_tokens
+                out = fn(t, p, tokens)
+                if grad:
+                    if list(grad_loss.shape) != list(out.shape):  # autograd's own check
+                        raise ValueError("grad_loss must have the loss's shape")
+                    out = torch.autograd.grad(out, p, to_torch(grad_loss))[0]
+                return list(out.shape)
+            return call
+
+        for sparse in (False, True):
+            for grad in (False, True):
+                entries[f"torch_{'sparse_' if sparse else ''}{'grad' if grad else 'forward'}"] = \
+                    run_torch(sparse, grad)
+    except ImportError:
+        pass
+    return entries, tuple(errors)
+
+
+FRAMEWORK_ENTRY_POINTS, FRAMEWORK_ERRORS = {}, ()
+
+
+def one_framework_case(rng):
+    """A case for a JAX or torch entry point: the result has the loss's (or
+    y_pred's) shape, or the call raises an expected error."""
+    kind = rng.choice(sorted(FRAMEWORK_ENTRY_POINTS))
+    shape = draw_shape(rng)
+    dtype = FLOATS[rng.integers(len(FLOATS))] if rng.random() < 0.95 else tf.int32
+    loss_shape = shape[:-1] if shape else []
+    classes = shape[-1] if shape and shape[-1] > 0 else 1
+    tokens = [int(t) for t in rng.integers(0 if rng.random() < 0.95 else -1,
+                                           classes if rng.random() < 0.85 else 70,
+                                           size=int(rng.integers(0, 4)))]
+    y_true = draw_tensor(rng, shape if rng.random() < 0.85 else draw_shape(rng), dtype)
+    ids_shape = loss_shape if rng.random() < 0.85 else draw_shape(rng)
+    ids = tf.constant(rng.integers(-1 if rng.random() < 0.1 else 0,
+                                   classes + (rng.random() < 0.1), size=ids_shape),
+                      tf.int32 if rng.random() < 0.5 else tf.int64)
+    y_pred = draw_tensor(rng, shape, dtype)
+    grad_loss = draw_tensor(rng, loss_shape if rng.random() < 0.9 else draw_shape(rng), dtype)
+    try:
+        out = FRAMEWORK_ENTRY_POINTS[kind](rng, y_true, ids, y_pred, grad_loss, tokens)
+        assert out == (shape if kind.endswith("grad") else loss_shape), (kind, out, shape)
+        return "ok"
+    except EXPECTED_ERRORS + FRAMEWORK_ERRORS as error:
+        if FRAMEWORK_ERRORS and isinstance(error, FRAMEWORK_ERRORS):
+            assert "INVALID_ARGUMENT" in str(error), error  # the handler's own check
+        return "rejected"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # 3e38 cast to float16 overflows: meant
+    global FRAMEWORK_ENTRY_POINTS, FRAMEWORK_ERRORS
+    FRAMEWORK_ENTRY_POINTS, FRAMEWORK_ERRORS = _framework_entry_points()
     rng = np.random.default_rng(args.seed)
     counts = {"ok": 0, "rejected": 0}
     for _ in range(args.cases):
         counts[one_case(rng)] += 1
+    # The JAX and torch entry points, a quarter as many cases again.
+    for _ in range(args.cases // 4 if FRAMEWORK_ENTRY_POINTS else 0):
+        counts[one_framework_case(rng)] += 1
+    print(f"fuzz_raw_ops: JAX/torch entry points: {sorted(FRAMEWORK_ENTRY_POINTS) or 'none'}")
     print(f"fuzz_raw_ops: {args.cases} cases, {counts['ok']} computed, "
           f"{counts['rejected']} rejected with an expected exception")
     if counts["ok"] == 0 or counts["rejected"] == 0:

@@ -91,7 +91,10 @@ def test_cpu_isa_is_the_best_supported_variant_by_default():
     assert fm.cpu_isa() == SUPPORTED[-1]
     from fused_masked_mae import _loader
 
+    from fused_masked_mae import _handlers
+
     assert _loader.op_library_cpu_isa() == fm.cpu_isa()
+    assert _handlers.cpu_isa() == fm.cpu_isa()  # the XLA handler library (TF jit, JAX)
     assert SUPPORTED[0] == "baseline" and set(SUPPORTED) <= set(VARIANTS)
 
 
@@ -100,10 +103,11 @@ def test_environment_variable_forces_the_variant(isa):
     require(isa)
     result = run_python(
         "import fused_masked_mae as fm\n"
-        "from fused_masked_mae import _core, _loader\n"
-        "print(fm.cpu_isa(), _core.cpu_isa(), _loader.op_library_cpu_isa())", isa)
+        "from fused_masked_mae import _core, _handlers, _loader\n"
+        "print(fm.cpu_isa(), _core.cpu_isa(), _loader.op_library_cpu_isa(), "
+        "_handlers.cpu_isa())", isa)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == [isa] * 3
+    assert result.stdout.split() == [isa] * 4
 
 
 @pytest.mark.parametrize("value", ["sse2", "AVX2", "native"])

@@ -52,7 +52,7 @@ _IDS = (jnp.int32, jnp.int64)
 
 # The oldest JAX that accepts the handlers (built with TensorFlow 2.21's FFI
 # headers, API 0.2); see README, "Versions". Older releases raise ImportError.
-MINIMUM_JAX = "0.7.0"
+MINIMUM_JAX = "0.8.1"
 
 # JAX's platform names for the handlers' FFI platforms.
 _JAX_PLATFORMS = {"Host": "cpu", "CUDA": "CUDA"}
