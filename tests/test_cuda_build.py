@@ -1,6 +1,6 @@
 """The built libraries carry GPU code that r525+ drivers load, and no CUDA runtime.
 
-Reads the device code embedded in `_masked_mae_ops.so` and `_core*.so` (raw
+Reads the device code embedded in `_masked_mae_ops.so`, `_xla_ffi.so` and `_core*.so` (raw
 CUDA ELF cubins and PTX text, see tools/build_device_code.sh) without a GPU,
 and fails if anything in them needs a newer driver than the documented
 minimum, CUDA 12.0 / r525 (README, "CUDA runtime"):
@@ -32,8 +32,9 @@ from fused_masked_mae import _build_info, _core
 
 PACKAGE_DIR = os.path.dirname(fused_masked_mae.__file__)
 OPS_LIBRARY = os.path.join(PACKAGE_DIR, "_masked_mae_ops.so")
-LIBRARIES = [OPS_LIBRARY, _core.__file__]
-LIBRARY_IDS = ["ops", "core"]
+XLA_LIBRARY = os.path.join(PACKAGE_DIR, "_xla_ffi.so")  # the XLA handlers (TF jit, JAX)
+LIBRARIES = [OPS_LIBRARY, XLA_LIBRARY, _core.__file__]
+LIBRARY_IDS = ["ops", "xla_ffi", "core"]
 CUBIN_ARCHS = {70, 75, 80, 86, 89, 90}
 PTX_ARCHS = {90}
 MAX_PTX_ISA = (8, 0)  # PTX ISA 8.0 <-> CUDA 12.0 <-> driver r525

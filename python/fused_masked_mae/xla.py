@@ -3,8 +3,9 @@
 Inside XLA compilation (`tf.function(jit_compile=True)`, Keras'
 `compile(jit_compile=True)` and its GPU default `jit_compile="auto"`) a
 TensorFlow custom op cannot run, so the losses emit an `XlaCallModule` whose
-StableHLO module is one `stablehlo.custom_call` to our handlers, registered
-with XLA by the op library when it loads (cc/xla/):
+StableHLO module is one `stablehlo.custom_call` to our handlers (cc/xla/, in
+the TensorFlow-free library _xla_ffi.so), registered with TensorFlow's XLA
+when this module is imported:
 
     fused_masked_mae_forward(y_true, y_pred) -> (loss, row_keep)
     fused_masked_mae_grad(y_true, y_pred, row_keep, grad_loss) -> grad_y_pred
