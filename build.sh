@@ -9,8 +9,8 @@
 #   ./build.sh test       ... then run the whole test suite
 #   ./build.sh bench      ... then run the benchmarks (benchmarks/: CPU, then XLA)
 #   ./build.sh sanitize   ... then build CPU-only ASan+UBSan libraries into
-#                         build/sanitize/ and run the op tests, the raw-op fuzzer
-#                         and a planted-bug self-check under them
+#                         build/sanitize/ and run the op tests, the raw-op fuzzer,
+#                         the entry-point fuzzer and a planted-bug self-check under them
 #
 # GPU code (README, "CUDA runtime"): clang-19 (installed with apt-get when
 # missing and run as root) compiles the kernels device-only against CUDA 12
@@ -22,7 +22,7 @@
 # (default clang++-19; without one the build is CPU-only and says so; NO_CUDA=1
 # forces CPU-only), JOBS (parallel compiles, default: number of cores), CXXFLAGS_EXTRA
 # (appended to host compile and link flags; TF_CXXFLAGS_EXTRA replaces it for
-# the TensorFlow translation units), FUZZ_CASES (sanitize mode).
+# the TensorFlow translation units), FUZZ_CASES and FUZZ_ENTRY_CASES (sanitize mode).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -284,9 +284,13 @@ sanitize_suite() {
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     "$ROOT/tests/test_op_parity.py" "$ROOT/tests/test_parity.py" "$ROOT/tests/test_gradients.py" \
     "$ROOT/tests/test_errors.py" "$ROOT/tests/test_sparse.py" "$ROOT/tests/test_core_cpu.py" \
-    "$ROOT/tests/test_properties.py" "$ROOT/tests/test_xla.py" -k "not keras_fit and not saved_model")
+    "$ROOT/tests/test_properties.py" "$ROOT/tests/test_xla.py" "$ROOT/tests/test_front_doors.py" \
+    -k "not keras_fit and not saved_model and not fresh_process and not when_imported")
   log "raw-op fuzzer (${FUZZ_CASES:-2000} cases)"
   (cd "$dir" && "${env[@]}" "$VENV/bin/python" "$ROOT/tests/fuzz_raw_ops.py" --cases "${FUZZ_CASES:-2000}")
+  log "differential fuzzer of the entry points (${FUZZ_ENTRY_CASES:-300} cases, every CPU variant)"
+  (cd "$dir" && "${env[@]}" "$VENV/bin/python" "$ROOT/tests/fuzz_entries.py" \
+    --cases "${FUZZ_ENTRY_CASES:-300}")
   log "planted-bug self-check: a test-only build that reads past y_pred must be reported"
   local planted="$dir/planted"
   mkdir -p "$planted/pkg/fused_masked_mae"

@@ -117,7 +117,7 @@ def test_empty_batch():
         (lambda: _core.forward(np.zeros((2, 6))[:, ::2], np.zeros((2, 6))[:, ::2]), ValueError,
          "C-contiguous"),
         (lambda: _core.forward(np.zeros((1, 300)), np.zeros((1, 300)), list(range(257))),
-         ValueError, "at most 256 masked tokens are supported, got 257"),
+         ValueError, "got 257 distinct masked token ids, but the fused op supports at most 256"),
         (lambda: _core.gradient(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((3,))), ValueError,
          r"grad_loss must have the shape of the loss \[2\], got \[3\]"),
         (lambda: _core.gradient(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2,)),

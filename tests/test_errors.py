@@ -218,9 +218,9 @@ def test_mixed_float_dtypes():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(start_token=-1, end_token=2), r"start_token must be a class id >= 0, got -1"),
-    (dict(start_token=0, end_token=-5), r"end_token must be a class id >= 0, got -5"),
-    (dict(start_token=0, end_token=1, tokens=[2, -3]), r"tokens must be a class id >= 0, got -3"),
+    (dict(start_token=-1, end_token=2), r"start_token must be a class id in \[0, 2\*\*63\), got -1"),
+    (dict(start_token=0, end_token=-5), r"end_token must be a class id in \[0, 2\*\*63\), got -5"),
+    (dict(start_token=0, end_token=1, tokens=[2, -3]), r"tokens must be a class id in \[0, 2\*\*63\), got -3"),
 ], ids=["start", "end", "tokens"])
 def test_negative_token_ids_in_the_wrapper(kwargs, message):
     x = tf.zeros((2, 3))
@@ -233,9 +233,10 @@ def test_negative_token_ids_in_the_wrapper(kwargs, message):
 def test_negative_token_ids_in_the_raw_ops():
     x = tf.zeros((2, 3))
     # At kernel construction, before the inputs (and C) are known.
-    with pytest.raises(IAE, match=r"masked token ids must be >= 0, got -1"):
+    with pytest.raises(IAE, match=r"masked token id -1 is negative: class ids are >= 0"):
         raw_forward(y_true=x, y_pred=x, masked_tokens=[0, -1])
-    with pytest.raises(IAE, match=r"masked token ids must be >= 0, got -1"):
+    # In a graph the shape function applies the same rule, before C is known.
+    with pytest.raises(ValueError, match=r"masked token id -1 is negative: class ids are >= 0"):
         unknown_shape_function(raw_forward_fn([-1]), 2)(x, x)
     # With a static C the shape function names the id and C.
     with pytest.raises(ValueError, match=r"masked token id -1 is outside \[0, 3\) for inputs "
@@ -272,8 +273,11 @@ def test_too_many_masked_tokens():
     with pytest.raises(ValueError, match=r"got 257 distinct masked token ids, but the fused op "
                                          r"supports at most 256"):
         fm.masked_mae_tokens(x, x, list(range(257)))
-    with pytest.raises(IAE, match="at most 256 masked tokens are supported, got 257"):
+    with pytest.raises(IAE, match="got 257 distinct masked token ids, but the fused op "
+                                  "supports at most 256"):
         raw_forward(y_true=x, y_pred=x, masked_tokens=list(range(257)))
+    # The one token rule: repeats count once in the raw op too.
+    raw_forward(y_true=x, y_pred=x, masked_tokens=[5] * 300)
     # 256 distinct ids (with repeats) are fine.
     loss = fm.masked_mae_tokens(x, x, list(range(256)) + [0, 1])
     np.testing.assert_array_equal(loss.numpy(), [0.0, 0.0])

@@ -95,6 +95,17 @@ void CheckCpuArray(const py::array& a, const char* name, const py::dtype& dtype)
   }
 }
 
+// The array itself, or an aligned copy when its data is not aligned to its
+// element size (a NumPy view at an odd byte offset into a buffer, say): the
+// row loops load whole elements, which C++ requires to be aligned.
+py::array AlignedArray(const py::array& a) {
+  if (a.itemsize() <= 1 || reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() == 0 ||
+      !(a.flags() & py::array::c_style)) {
+    return a;  // (a strided array is refused by CheckCpuArray)
+  }
+  return py::array::ensure(a.attr("copy")());
+}
+
 // Calls fn(T-typed zero) for the element type of `dtype`.
 template <typename Fn>
 auto DispatchCpuDtype(const py::array& a, Fn&& fn) {
@@ -157,9 +168,11 @@ std::vector<int64_t> LossShape(const py::array& y_pred) {
 }
 
 // Runs the CPU forward launcher; returns the loss, and row_keep when asked.
-py::object Forward(const py::array& y_true, const py::array& y_pred,
+py::object Forward(const py::array& y_true_in, const py::array& y_pred_in,
                    const std::vector<int64_t>& masked_tokens, bool sparse, bool return_keep,
                    int threads) {
+  const py::array y_true = AlignedArray(y_true_in);
+  const py::array y_pred = AlignedArray(y_pred_in);
   const RowView view = CheckTargets(y_true, y_pred, sparse);
   const MaskedTokenSet tokens = MakeTokenSet(masked_tokens, view.num_classes);
   CheckCpuArray(y_pred, "y_pred", y_pred.dtype());
@@ -185,9 +198,12 @@ py::object Forward(const py::array& y_true, const py::array& y_pred,
 
 // The gradient from the forward's row_keep, or (row_keep None) from the
 // masked tokens, running the forward launcher for the keep bytes first.
-py::array Gradient(const py::array& y_true, const py::array& y_pred, const py::array& grad_loss,
-                   const std::vector<int64_t>& masked_tokens, bool sparse,
-                   const py::object& row_keep, int threads) {
+py::array Gradient(const py::array& y_true_in, const py::array& y_pred_in,
+                   const py::array& grad_loss_in, const std::vector<int64_t>& masked_tokens,
+                   bool sparse, const py::object& row_keep, int threads) {
+  const py::array y_true = AlignedArray(y_true_in);
+  const py::array y_pred = AlignedArray(y_pred_in);
+  const py::array grad_loss = AlignedArray(grad_loss_in);
   const RowView view = CheckTargets(y_true, y_pred, sparse);
   const std::vector<int64_t> loss_shape = LossShape(y_pred);
   if (ShapeOf(grad_loss) != loss_shape) {

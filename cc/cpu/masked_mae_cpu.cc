@@ -9,8 +9,9 @@
 #include <string>
 #include <type_traits>
 
-#include "cc/math/host_float16.h"
+#include "cc/cpu/denormal_flush.h"
 #include "cc/cpu/masked_mae_cpu_abi.h"
+#include "cc/math/host_float16.h"
 
 namespace fused_masked_mae {
 namespace {
@@ -87,12 +88,17 @@ const Selection& Selected() {
   return selection;
 }
 
-// The caller's ParallelFor behind the variants' C callback.
+// The caller's ParallelFor behind the variants' C callback. Every range of
+// rows runs with denormals flushed (TensorFlow's semantics, denormal_flush.h),
+// on whichever thread the caller's ParallelFor runs it, and the thread's own
+// mode is restored after.
 void CallParallelFor(const void* ctx, int64_t rows, int64_t cost_per_row, FmmRowBody body,
                      void* body_ctx) {
   const ParallelFor& parallel_for = *static_cast<const ParallelFor*>(ctx);
-  parallel_for(rows, cost_per_row,
-               [body, body_ctx](int64_t begin, int64_t end) { body(body_ctx, begin, end); });
+  parallel_for(rows, cost_per_row, [body, body_ctx](int64_t begin, int64_t end) {
+    const ScopedDenormalFlush flush;
+    body(body_ctx, begin, end);
+  });
 }
 
 template <typename T>

@@ -8,7 +8,9 @@
 // standing for one_hot(ids)).
 //
 // Each row is computed by one thread with a fixed reduction order, so the
-// results do not depend on how `parallel_for` splits the rows.
+// results do not depend on how `parallel_for` splits the rows. Every range of
+// rows runs with denormals flushed to zero (TensorFlow's semantics, see
+// denormal_flush.h), whatever the calling thread's floating-point mode.
 //
 // The row loops exist in several instruction-set variants (baseline x86-64,
 // AVX2+FMA+F16C, AVX-512; baseline only elsewhere), the same source compiled
@@ -17,9 +19,11 @@
 #ifndef FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CPU_H_
 #define FUSED_MASKED_MAE_CC_KERNELS_MASKED_MAE_CPU_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "cc/math/masked_mae_row.h"
 
@@ -65,25 +69,37 @@ void CpuMaskedMaeGradient(const TargetT* y_true, const T* y_pred, const uint8_t*
                           const T* grad_loss, int64_t rows, int64_t num_classes,
                           T* grad_y_pred, const ParallelFor& parallel_for);
 
-// Builds the token set of a call whose inputs have num_classes classes: at
-// most kMaxMaskedTokens ids, each in [0, num_classes). Returns "" or the
-// message naming what is wrong (used by the front doors that see the ids and
-// C together: _core and the XLA handlers).
+// The token rule of every C++ front door (python/fused_masked_mae/tokens.py
+// states the same rule for the Python ones, which reach these with distinct
+// ids): each id is in [0, num_classes); repeated ids count once; at most
+// kMaxMaskedTokens distinct ids. Builds the token set, in order of first
+// appearance, and returns "" or the message naming what is wrong.
+// num_classes < 0 means "not known yet" (the TensorFlow kernel's
+// construction): then only ids < 0 are out of range.
 inline std::string MakeMaskedTokenSet(const int64_t* ids, size_t count, int64_t num_classes,
                                       MaskedTokenSet* tokens) {
-  if (count > static_cast<size_t>(kMaxMaskedTokens)) {
-    return "at most " + std::to_string(kMaxMaskedTokens) + " masked tokens are supported, got " +
-           std::to_string(count);
-  }
   *tokens = MaskedTokenSet{};
-  tokens->count = static_cast<int>(count);
   for (size_t k = 0; k < count; ++k) {
-    if (ids[k] < 0 || ids[k] >= num_classes) {
+    if (ids[k] < 0 || (num_classes >= 0 && ids[k] >= num_classes)) {
+      if (num_classes < 0) {
+        return "masked token id " + std::to_string(ids[k]) + " is negative: class ids are >= 0";
+      }
       return "masked token id " + std::to_string(ids[k]) + " is outside [0, " +
              std::to_string(num_classes) + ") for inputs with " + std::to_string(num_classes) +
              " classes";
     }
-    tokens->ids[k] = ids[k];
+  }
+  std::vector<int64_t> distinct(ids, ids + count);
+  std::sort(distinct.begin(), distinct.end());
+  const size_t num_distinct =
+      static_cast<size_t>(std::unique(distinct.begin(), distinct.end()) - distinct.begin());
+  if (num_distinct > static_cast<size_t>(kMaxMaskedTokens)) {
+    return "got " + std::to_string(num_distinct) +
+           " distinct masked token ids, but the fused op supports at most " +
+           std::to_string(kMaxMaskedTokens);
+  }
+  for (size_t k = 0; k < count; ++k) {
+    if (!tokens->Contains(ids[k])) tokens->ids[tokens->count++] = ids[k];
   }
   return "";
 }

@@ -44,6 +44,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxRowBlockThreads = 512;    // largest forward block (masked_mae_launch.cc picks the shape)
 constexpr int kGradientBlockThreads = 256;  // the gradient's block (masked_mae_launch.cc)
 
+// Denormals: TensorFlow's CPU semantics (FlushDenormal in masked_mae_row.h),
+// applied explicitly here, wherever this file is compiled (the GPU has no
+// flush mode for float64, and the host emulator runs it as plain C++): the
+// row math flushes every loaded value and every result that can be denormal,
+// so the kernels give the CPU launchers' bits, which run the same math with
+// the CPU's flush mode set.
+using KernelDenormals = ExplicitDenormals;
+
 // Where a kernel reads its targets: dense rows of T, or one class id per row.
 template <typename T>
 struct DenseTargets {
@@ -165,9 +173,13 @@ __device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const TargetRow& t, co
         Chunk<T> pc;
         pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) part.Observe(tv[k], static_cast<Acc>(pc.values[k]), first + k);
+        for (int k = 0; k < kVec; ++k) {
+          part.template Observe<KernelDenormals>(tv[k], static_cast<Acc>(pc.values[k]), first + k);
+        }
       },
-      [&](int64_t i) { part.Observe(t.template At<Acc>(i), static_cast<Acc>(p[i]), i); });
+      [&](int64_t i) {
+        part.template Observe<KernelDenormals>(t.template At<Acc>(i), static_cast<Acc>(p[i]), i);
+      });
   return part;
 }
 
@@ -247,7 +259,8 @@ __device__ __forceinline__ void MaskedMaeRows(const KernelParams& raw_params) {
     part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, lowest);
     if (!in_range || lane != 0) continue;
     const Acc keep = KeepFactor(part, params.tokens);
-    params.out[row] = static_cast<T>(valid ? MaskedMean(keep, part.abs_diff_sum, num_classes) : nan);
+    params.out[row] = static_cast<T>(
+        valid ? MaskedMean<KernelDenormals>(keep, part.abs_diff_sum, num_classes) : nan);
     if (params.row_keep != nullptr) params.row_keep[row] = KeepByte(keep);
   }
 }
@@ -275,8 +288,8 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
   const auto row_scale = [&](int64_t row) {
     const auto t = params.y_true.Row(row, num_classes);
     return TargetValid(t, num_classes)
-               ? RowGradientScale(params.grad_loss[row], KeepFromByte<Acc>(params.row_keep[row]),
-                                  num_classes)
+               ? RowGradientScale<KernelDenormals>(
+                     params.grad_loss[row], KeepFromByte<Acc>(params.row_keep[row]), num_classes)
                : Acc(NAN);
   };
   const auto row_id = [&](int64_t row) -> int64_t {
@@ -329,7 +342,7 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
         id = row_id(row);
       }
       const Acc t = kDense ? tv[k] : target(first + k, col, id);
-      gc.values[k] = ElementGradient<T>(scale, t, static_cast<Acc>(pc.values[k]));
+      gc.values[k] = ElementGradient<T, KernelDenormals>(scale, t, static_cast<Acc>(pc.values[k]));
       ++col;
     }
     *reinterpret_cast<uint4*>(grad + first) = gc.raw;
@@ -338,8 +351,8 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
     const int64_t i = s < peel ? s : vector_end + (s - peel);
     const int64_t row = i / num_classes;
     const int64_t col = i - row * num_classes;
-    grad[i] = ElementGradient<T>(row_scale(row), target(i, col, row_id(row)),
-                                 static_cast<Acc>(p[i]));
+    grad[i] = ElementGradient<T, KernelDenormals>(row_scale(row), target(i, col, row_id(row)),
+                                                  static_cast<Acc>(p[i]));
   }
 }
 

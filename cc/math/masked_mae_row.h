@@ -74,6 +74,44 @@ MMAE_HOST_DEVICE constexpr Acc LowestFinite(ElementKind kind) {
 // (smaller index wins) never prefers it.
 constexpr int64_t kNoIndex = INT64_MAX;
 
+// Denormals: TensorFlow's semantics on every device and front door. A
+// denormal float32/float64 input reads as zero of its sign (DAZ) and a
+// denormal float32/float64 arithmetic result is flushed to zero of its sign
+// (FTZ), as TensorFlow's CPU kernels (and XLA's CPU code) run. float16 inputs
+// are never denormal once widened to float32; bfloat16 ones can be (and read
+// as zero). The 16-bit conversions are integer code and unaffected.
+//
+// Two ways to get it, with the same bits:
+// - host row loops (cc/cpu) run with the CPU's flush mode set around the work
+//   (MXCSR FTZ|DAZ on x86, FPCR.FZ on AArch64: ScopedDenormalFlush in
+//   cc/cpu/masked_mae_cpu.cc), so they need no extra instruction:
+//   HardwareDenormals, the default policy of the functions below;
+// - the CUDA kernels (no per-thread mode for float64, and also compiled as
+//   host C++ for the emulator) flush explicitly, with ExplicitDenormals: every
+//   loaded value, and every arithmetic result that can be denormal.
+template <typename Acc>
+MMAE_HOST_DEVICE Acc FlushDenormal(Acc x) {
+  // x * 0 is a zero of x's sign (also when the hardware already reads x as
+  // zero); NaN and +-inf fail both comparisons and stay.
+  return (x < std::numeric_limits<Acc>::min() && x > -std::numeric_limits<Acc>::min())
+             ? x * Acc(0)
+             : x;
+}
+
+struct HardwareDenormals {
+  template <typename Acc>
+  MMAE_HOST_DEVICE static Acc Flush(Acc x) {
+    return x;
+  }
+};
+
+struct ExplicitDenormals {
+  template <typename Acc>
+  MMAE_HOST_DEVICE static Acc Flush(Acc x) {
+    return FlushDenormal(x);
+  }
+};
+
 // The two element-level rules everything below is built from.
 // An element replaces the best so far only when strictly greater: this keeps
 // the first of equal values, and is false for NaN and for v <= lowest.
@@ -82,9 +120,9 @@ MMAE_HOST_DEVICE bool Improves(Acc v, Acc best) {
   return v > best;
 }
 
-template <typename Acc>
+template <typename Denormals = HardwareDenormals, typename Acc>
 MMAE_HOST_DEVICE Acc AbsDiff(Acc p, Acc t) {
-  const Acc diff = p - t;
+  const Acc diff = Denormals::Flush(p - t);
   return diff < Acc(0) ? -diff : diff;  // NaN stays NaN
 }
 
@@ -130,10 +168,16 @@ struct RowPartial {
     return {ArgmaxState<Acc>::Empty(lowest), ArgmaxState<Acc>::Empty(lowest), Acc(0)};
   }
 
+  // t and p as loaded; Denormals reads a denormal as zero (see FlushDenormal).
+  // The sums need no flush: they add values that are 0 or at least the
+  // smallest normal, all of one sign.
+  template <typename Denormals = HardwareDenormals>
   MMAE_HOST_DEVICE void Observe(Acc t, Acc p, int64_t i) {
+    t = Denormals::Flush(t);
+    p = Denormals::Flush(p);
     target.Observe(t, i);
     prediction.Observe(p, i);
-    abs_diff_sum += AbsDiff(p, t);
+    abs_diff_sum += AbsDiff<Denormals>(p, t);
   }
 
   // Not commutative for abs_diff_sum bit patterns: callers combine in a fixed
@@ -175,9 +219,9 @@ MMAE_HOST_DEVICE Acc KeepFactor(const RowPartial<Acc>& row, const MaskedTokenSet
 }
 
 // keep * mean: a product, not a branch, so NaN/Inf propagate as in the reference.
-template <typename Acc>
+template <typename Denormals = HardwareDenormals, typename Acc>
 MMAE_HOST_DEVICE Acc MaskedMean(Acc keep, Acc abs_diff_sum, int64_t num_classes) {
-  return keep * (abs_diff_sum / Acc(num_classes));
+  return keep * Denormals::Flush(abs_diff_sum / Acc(num_classes));
 }
 
 template <typename Acc>
@@ -198,10 +242,11 @@ MMAE_HOST_DEVICE Acc KeepFromByte(uint8_t keep_byte) {
   return keep_byte != 0 ? Acc(1) : Acc(0);
 }
 
-// The per-row factor of the gradient: (upstream * keep) / C.
-template <typename Acc>
+// The per-row factor of the gradient: (upstream * keep) / C (keep is 0 or 1,
+// so the product of a normal upstream is normal or zero).
+template <typename Denormals = HardwareDenormals, typename Acc>
 MMAE_HOST_DEVICE Acc GradientScale(Acc upstream, Acc keep, int64_t num_classes) {
-  return (upstream * keep) / Acc(num_classes);
+  return Denormals::Flush((Denormals::Flush(upstream) * keep) / Acc(num_classes));
 }
 
 // tf.sign: -1, 0 or 1, and NaN for NaN (sign(+-0) = 0: no gradient at the kink).
@@ -214,22 +259,25 @@ MMAE_HOST_DEVICE Acc Sign(Acc x) {
 
 // The row's gradient factor as the reference computes it in T: rounded to T
 // (as TensorFlow's Mean gradient does), then widened back for the products.
-template <typename T, typename Acc>
+// Rounding a normal float32 to bfloat16 (or widening float16) gives no
+// float32 denormal, so the round trip needs no flush.
+template <typename Denormals = HardwareDenormals, typename T, typename Acc>
 MMAE_HOST_DEVICE Acc RowGradientScale(T upstream, Acc keep, int64_t num_classes) {
-  return static_cast<Acc>(
-      static_cast<T>(GradientScale(static_cast<Acc>(upstream), keep, num_classes)));
+  return static_cast<Acc>(static_cast<T>(
+      GradientScale<Denormals>(static_cast<Acc>(upstream), keep, num_classes)));
 }
 
 // d loss / d y_pred for one element; d loss / d y_true is its negative.
-template <typename Acc>
+// scale is RowGradientScale's (already flushed); scale * sign is +-scale or 0.
+template <typename Denormals = HardwareDenormals, typename Acc>
 MMAE_HOST_DEVICE Acc ElementGradientValue(Acc scale, Acc y_true, Acc y_pred) {
-  return scale * Sign(y_pred - y_true);
+  return scale * Sign(Denormals::Flush(Denormals::Flush(y_pred) - Denormals::Flush(y_true)));
 }
 
 // The same, as T.
-template <typename T, typename Acc>
+template <typename T, typename Denormals = HardwareDenormals, typename Acc>
 MMAE_HOST_DEVICE T ElementGradient(Acc scale, Acc y_true, Acc y_pred) {
-  return static_cast<T>(ElementGradientValue(scale, y_true, y_pred));
+  return static_cast<T>(ElementGradientValue<Denormals>(scale, y_true, y_pred));
 }
 
 // How a row's targets are read: dense values [C], or a class id standing for

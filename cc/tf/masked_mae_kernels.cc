@@ -244,17 +244,9 @@ class MaskedMaeOp : public OpKernel {
   explicit MaskedMaeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     std::vector<int64_t> ids;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("masked_tokens", &ids));
-    OP_REQUIRES(ctx, ids.size() <= static_cast<size_t>(kMaxMaskedTokens),
-                absl::InvalidArgumentError(absl::StrCat("at most ", kMaxMaskedTokens,
-                                                        " masked tokens are supported, got ",
-                                                        ids.size())));
-    tokens_.count = static_cast<int>(ids.size());
-    for (size_t k = 0; k < ids.size(); ++k) {
-      OP_REQUIRES(ctx, ids[k] >= 0,
-                  absl::InvalidArgumentError(
-                      absl::StrCat("masked token ids must be >= 0, got ", ids[k])));
-      tokens_.ids[k] = ids[k];
-    }
+    // The one token rule (masked_mae_cpu.h); ids < C are checked per call.
+    const std::string invalid = MakeMaskedTokenSet(ids.data(), ids.size(), -1, &tokens_);
+    OP_REQUIRES(ctx, invalid.empty(), absl::InvalidArgumentError(invalid));
   }
 
   void Compute(OpKernelContext* ctx) override {

@@ -3,6 +3,10 @@
 // Shape functions reject what can be known at graph-construction time (ranks,
 // unequal static shapes, C = 0, token ids >= a static C); the kernels re-check
 // everything at run time, where shapes are always known.
+#include <string>
+#include <vector>
+
+#include "cc/cpu/masked_mae_cpu.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -16,26 +20,22 @@ using ::tensorflow::shape_inference::ShapeHandle;
 
 namespace {
 
-// A positive number of classes (the last dimension) and masked token ids
-// below it, when the number is known.
+// A positive number of classes (the last dimension), and the masked token ids
+// by the one token rule (MakeMaskedTokenSet): below the number of classes
+// when it is known.
 Status ValidateClasses(InferenceContext* c, ShapeHandle y_pred) {
   DimensionHandle classes = c->Dim(y_pred, -1);
-  if (!c->ValueKnown(classes)) return absl::OkStatus();
-  const int64_t num_classes = c->Value(classes);
+  const int64_t num_classes = c->ValueKnown(classes) ? c->Value(classes) : -1;
   if (num_classes == 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the last dimension (classes) must be positive, got shape ", c->DebugString(y_pred)));
   }
-  std::vector<int64_t> tokens;  // the forward's; the gradient ops have none
-  if (!c->GetAttr("masked_tokens", &tokens).ok()) tokens.clear();
-  for (int64_t token : tokens) {
-    if (token < 0 || token >= num_classes) {
-      return absl::InvalidArgumentError(absl::StrCat("masked token id ", token,
-                                                     " is outside [0, ", num_classes,
-                                                     ") for inputs with ", num_classes,
-                                                     " classes"));
-    }
-  }
+  std::vector<int64_t> ids;  // the forward's; the gradient ops have none
+  if (!c->GetAttr("masked_tokens", &ids).ok()) ids.clear();
+  fused_masked_mae::MaskedTokenSet tokens;
+  const std::string invalid =
+      fused_masked_mae::MakeMaskedTokenSet(ids.data(), ids.size(), num_classes, &tokens);
+  if (!invalid.empty()) return absl::InvalidArgumentError(invalid);
   return absl::OkStatus();
 }
 

@@ -74,16 +74,26 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-def _load_tensorflow_parts():
+def _load_tensorflow_parts(_tensorflow):
     # The op library and its gradients, and the XLA handlers' registration.
     importlib.import_module("fused_masked_mae.ops")
     importlib.import_module("fused_masked_mae.sparse")
 
 
-def _register_keras_losses():
+def _register_keras_losses(_keras):
     # keras.saving.register_keras_serializable of MaskedMAE / SparseMaskedMAE.
     importlib.import_module("fused_masked_mae.losses")
 
 
+def _register_tf_keras_losses(_tf_keras):
+    # TfKerasMaskedMAE, registered for tf_keras' deserialization whenever
+    # tf_keras is in use (`import tf_keras`, tf.keras under
+    # TF_USE_LEGACY_KERAS=1, or tf_keras.models.load_model), never importing
+    # tf_keras from here. Here, not in losses: tf_keras may be imported
+    # without Keras 3, and then losses is not imported by itself.
+    importlib.import_module("fused_masked_mae.losses")._tf_keras_masked_mae_class()
+
+
 _lazy.when_imported("tensorflow", _load_tensorflow_parts)
 _lazy.when_imported("keras", _register_keras_losses)
+_lazy.when_imported("tf_keras", _register_tf_keras_losses)

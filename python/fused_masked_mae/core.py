@@ -4,7 +4,10 @@
     loss = core.forward(y_true, y_pred, masked_tokens=[start, end])
     grad = core.gradient(y_true, y_pred, grad_loss, masked_tokens=[start, end])
 
-NumPy arrays run on the CPU (the TensorFlow CPU kernel's row code). PyTorch CUDA
+NumPy arrays (any strides and alignment; copied where needed) run on the CPU
+(the TensorFlow CPU kernel's row code, with TensorFlow's denormal flushing
+whatever the caller's floating-point mode). Masked tokens follow the one
+token rule of fused_masked_mae.tokens. PyTorch CUDA
 tensors and CuPy arrays (anything with `__cuda_array_interface__`) run the CUDA
 kernels on the arrays' device and current stream, when `_core` was built with them.
 Results come back as the input's array type; `out=` writes into a given one.
@@ -14,6 +17,7 @@ The gradient is d loss / d y_pred; d loss / d y_true is its negative.
 import numpy as np
 
 from fused_masked_mae import _core
+from fused_masked_mae.tokens import masked_token_list
 
 _TYPESTR_DTYPES = {
     "|u1": "uint8", "<f2": "float16", "<f4": "float32", "<f8": "float64", "<i4": "int32", "<i8": "int64",
@@ -81,6 +85,13 @@ def _c_strides(shape, itemsize):
     return tuple(reversed(strides))
 
 
+def _host_array(array):
+    """A C-contiguous NumPy array of `array` (a copy only when it is strided).
+    Misaligned data is copied by _core."""
+    array = np.asarray(array)
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
 def _is_device_array(array):
     if type(array).__module__.split(".")[0] == "torch":
         return array.is_cuda
@@ -139,11 +150,11 @@ def forward(y_true, y_pred, masked_tokens=(), out=None, sparse=False, return_kee
     keep byte per position (0 where the position is masked) that `gradient`
     takes to skip re-deriving the argmaxes.
     """
-    tokens = [int(t) for t in masked_tokens]
+    tokens = masked_token_list(None, None, masked_tokens)  # the one token rule
     if not _is_device_array(y_pred):
         if out is not None:
             raise TypeError("out= is for device arrays; NumPy results are returned")
-        return _core.forward(np.asarray(y_true), np.asarray(y_pred), tokens, sparse, return_keep)
+        return _core.forward(_host_array(y_true), _host_array(y_pred), tokens, sparse, return_keep)
     _require_cuda()
     t, p = _device_inputs(y_true, y_pred, sparse)
     out, o = _device_output(p, out, p.shape[:-1], "loss")
@@ -161,12 +172,12 @@ def gradient(y_true, y_pred, grad_loss, masked_tokens=(), out=None, sparse=False
     one-pass gradient; without it the masked tokens decide, and the forward
     runs first to find the keep bytes.
     """
-    tokens = [int(t) for t in masked_tokens]
+    tokens = masked_token_list(None, None, masked_tokens)  # the one token rule
     if not _is_device_array(y_pred):
         if out is not None:
             raise TypeError("out= is for device arrays; NumPy results are returned")
         return _core.gradient(
-            np.asarray(y_true), np.asarray(y_pred), np.asarray(grad_loss), tokens, sparse,
+            _host_array(y_true), _host_array(y_pred), _host_array(grad_loss), tokens, sparse,
             None if row_keep is None else np.asarray(row_keep),
         )
     _require_cuda()

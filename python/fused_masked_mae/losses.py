@@ -8,8 +8,13 @@
 - `masked_mae_loss_fn(...)`: a plain `loss(y_true, y_pred)` function, usable
   as the loss of a Keras 3 model and of a Keras 2 (`tf_keras`) model.
 - `TfKerasMaskedMAE`: the same loss as a `tf_keras.losses.Loss`, for
-  `TF_USE_LEGACY_KERAS=1` / `tf_keras` users. It is created on first access,
-  so `import fused_masked_mae` never imports tf_keras.
+  `TF_USE_LEGACY_KERAS=1` / `tf_keras` users. It is created and registered for
+  `.keras`/SavedModel loading as soon as tf_keras is imported (or at once when
+  it already is), so `import fused_masked_mae` never imports tf_keras itself.
+
+Like Keras' MeanAbsoluteError, the losses bring y_true and y_pred to one rank
+first when they differ by a trailing axis of size 1 (`_same_rank`), and
+accept symbolic `KerasTensor`s (the result is the symbolic per-position loss).
 """
 
 import functools
@@ -19,16 +24,66 @@ import keras
 from fused_masked_mae import keras_backends
 from fused_masked_mae.tokens import MaskedTokensConfig, masked_token_list
 
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
-def _dense_inputs(y_true, y_pred):
+
+def _symbolic(*tensors):
+    return any(isinstance(t, keras.KerasTensor) for t in tensors)
+
+
+def _same_rank(y_true, y_pred, expand_rank_1=True, squeeze=None, expand=None):
+    """Keras' rank rule for losses (keras.src.losses.loss.
+    squeeze_or_expand_to_same_rank in Keras 3.15, what MeanAbsoluteError
+    applies): when the ranks differ by one and the longer one ends in an axis
+    of 1, that axis is squeezed, or, when the shorter one has rank 1 and
+    expand_rank_1, the shorter one gets a trailing axis of 1 ([B] with [B, 1]
+    is [B, 1] with [B, 1]). tf_keras' rule (losses_utils.
+    squeeze_or_expand_dimensions) is the same with expand_rank_1=False. Any
+    other difference is left to the kernel's "must have the same shape" error.
+    keras.ops by default (every backend, KerasTensors included); tf_keras
+    passes TensorFlow's squeeze/expand_dims."""
+    squeeze = squeeze or keras.ops.squeeze
+    expand = expand or keras.ops.expand_dims
+    true_rank, pred_rank = len(y_true.shape), len(y_pred.shape)
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        if pred_rank == 1 and expand_rank_1:
+            y_pred = expand(y_pred, axis=-1)
+        else:
+            y_true = squeeze(y_true, axis=-1)
+    elif pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        if true_rank == 1 and expand_rank_1:
+            y_true = expand(y_true, axis=-1)
+        else:
+            y_pred = squeeze(y_pred, axis=-1)
+    return y_true, y_pred
+
+
+def _symbolic_loss(y_pred):
+    # Symbolic inputs (a functional model's outputs, say): the loss's symbolic
+    # result, computed by the kernel once real tensors arrive.
+    if len(y_pred.shape) == 0:
+        raise ValueError("Shape must be at least rank 1 but is rank 0")
+    return keras.KerasTensor(y_pred.shape[:-1], dtype=y_pred.dtype)
+
+
+def _check_float(dtype):
+    name = keras.backend.standardize_dtype(dtype)
+    if name not in _FLOAT_DTYPES:
+        raise TypeError(f"y_pred must be float16, bfloat16, float32 or float64, got {name}")
+
+
+def _dense_inputs(y_true, y_pred, expand_rank_1=True):
     y_pred = keras.ops.convert_to_tensor(y_pred)
-    return keras.ops.cast(y_true, y_pred.dtype), y_pred
+    _check_float(y_pred.dtype)
+    y_true = keras.ops.cast(y_true, y_pred.dtype)
+    return _same_rank(y_true, y_pred, expand_rank_1)
 
 
 def _sparse_inputs(y_true, y_pred):
     """y_true may arrive as floats (Keras casts targets to the loss dtype) or with
     a trailing axis of size 1: int32 ids of y_pred's shape without its last axis."""
     y_pred = keras.ops.convert_to_tensor(y_pred)
+    _check_float(y_pred.dtype)
     y_true = keras.ops.convert_to_tensor(y_true)
     if len(y_true.shape) == len(y_pred.shape):
         y_true = keras.ops.squeeze(y_true, axis=-1)  # [..., 1] ids, as Keras allows
@@ -36,6 +91,8 @@ def _sparse_inputs(y_true, y_pred):
 
 
 def _per_position_loss(y_true, y_pred, tokens, kernel=None):
+    if _symbolic(y_true, y_pred):
+        return _symbolic_loss(_same_rank(y_true, y_pred)[1])
     y_true, y_pred = _dense_inputs(y_true, y_pred)
     return (kernel or keras_backends.kernel("masked_mae"))(y_true, y_pred, tokens)
 
@@ -48,7 +105,11 @@ class MaskedMAE(MaskedTokensConfig, keras.losses.Loss):
     start token, the end token or one of `tokens` costs nothing; every other
     position costs `mean(|y_pred - y_true|)` over the classes. Computed by one
     fused kernel (and one fused gradient kernel) instead of about ten ops, on
-    the TensorFlow, JAX and PyTorch backends (see keras_backends).
+    the TensorFlow, JAX and PyTorch backends (see keras_backends); on
+    TensorFlow inside XLA compilation (`jit_compile=True`) by the same kernels
+    as XLA custom calls (the composite of plain ops only where no handler can
+    run, see fused_masked_mae.xla). With nothing masked it is Keras'
+    MeanAbsoluteError, rank rules and symbolic inputs included.
 
     Args:
       start_token, end_token: class ids in `[0, C)`, or None to not mask it.
@@ -75,8 +136,7 @@ class MaskedMAE(MaskedTokensConfig, keras.losses.Loss):
         self._kernel = keras_backends.kernel("masked_mae")
 
     def call(self, y_true, y_pred):
-        y_true, y_pred = _dense_inputs(y_true, y_pred)
-        return self._kernel(y_true, y_pred, self._tokens)
+        return _per_position_loss(y_true, y_pred, self._tokens, self._kernel)
 
 
 @keras.saving.register_keras_serializable(package="fused_masked_mae")
@@ -102,6 +162,8 @@ class SparseMaskedMAE(MaskedTokensConfig, keras.losses.Loss):
         self._kernel = keras_backends.kernel("sparse_masked_mae")
 
     def call(self, y_true, y_pred):
+        if _symbolic(y_true, y_pred):
+            return _symbolic_loss(y_pred)  # the symbolic per-position loss, as MaskedMAE
         y_true, y_pred = _sparse_inputs(y_true, y_pred)
         return self._kernel(y_true, y_pred, self._tokens)
 
@@ -151,8 +213,14 @@ def _tf_keras_masked_mae_class():
         def call(self, y_true, y_pred):
             from fused_masked_mae.ops import masked_mae_tokens  # tf_keras: TensorFlow only
 
+            if _symbolic(y_true, y_pred):
+                return _symbolic_loss(_same_rank(y_true, y_pred, expand_rank_1=False)[1])
             y_pred = tf.convert_to_tensor(y_pred)
-            return masked_mae_tokens(tf.cast(y_true, y_pred.dtype), y_pred, self._tokens)
+            _check_float(y_pred.dtype.name)
+            y_true, y_pred = _same_rank(tf.cast(y_true, y_pred.dtype), y_pred,
+                                        expand_rank_1=False, squeeze=tf.squeeze,
+                                        expand=tf.expand_dims)
+            return masked_mae_tokens(y_true, y_pred, self._tokens)
 
     TfKerasMaskedMAE.__module__ = __name__
     TfKerasMaskedMAE.__qualname__ = "TfKerasMaskedMAE"

@@ -11,6 +11,7 @@ plain TensorFlow ops (`reference_masked_mae_tokens`). See `in_xla_context`.
 import tensorflow as tf
 
 from fused_masked_mae import reference as _reference
+from fused_masked_mae._second_order import gradient_of_gradient
 from fused_masked_mae import xla as _xla
 from fused_masked_mae._loader import ops_library
 from fused_masked_mae.tokens import MAX_MASKED_TOKENS, masked_token_list  # noqa: F401 (API)
@@ -150,3 +151,12 @@ def _masked_mae_grad(op, grad_loss, _grad_row_keep):
     skip = getattr(op, "skip_input_indices", None) or ()
     grad_y_true = None if 0 in skip else -grad_y_pred
     return grad_y_true, grad_y_pred
+
+
+@tf.RegisterGradient("Import_fused_masked_mae>MaskedMaeGrad")
+def _masked_mae_grad_grad(op, upstream):
+    # Second order (gradient penalties, Hessian-vector products): zero in
+    # y_true and y_pred, linear in grad_loss (see _second_order.py).
+    y_true, y_pred, row_keep, _ = op.inputs
+    return (tf.zeros_like(y_true), tf.zeros_like(y_pred), None,
+            gradient_of_gradient(y_true, y_pred, row_keep, upstream))

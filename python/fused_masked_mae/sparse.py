@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from fused_masked_mae._loader import ops_library
 from fused_masked_mae import xla as _xla
+from fused_masked_mae._second_order import gradient_of_gradient
 from fused_masked_mae.ops import _FLOAT_DTYPES, _check_static_shapes, in_xla_context
 from fused_masked_mae.tokens import masked_token_list
 from fused_masked_mae.reference import reference_masked_mae_tokens
@@ -79,6 +80,16 @@ def _sparse_masked_mae_grad(op, grad_loss, _grad_row_keep):
         y_true_ids=y_true_ids, y_pred=y_pred, row_keep=op.outputs[1], grad_loss=grad_loss
     )
     return None, grad_y_pred  # no gradient for integer ids
+
+
+@tf.RegisterGradient("Import_fused_masked_mae>SparseMaskedMaeGrad")
+def _sparse_masked_mae_grad_grad(op, upstream):
+    # Second order, as for the dense gradient op (see _second_order.py), on
+    # one_hot(ids): built only when a second derivative is asked for.
+    y_true_ids, y_pred, row_keep, _ = op.inputs
+    one_hot = tf.one_hot(y_true_ids, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+    return (None, tf.zeros_like(y_pred), None,
+            gradient_of_gradient(one_hot, y_pred, row_keep, upstream))
 
 
 # The Keras loss lives with MaskedMAE (every Keras backend); kept importable here.

@@ -36,6 +36,7 @@ from tensorflow.compiler.tf2xla.python import xla as _tf_xla
 
 from fused_masked_mae import _handlers
 from fused_masked_mae._handlers import ALL_TARGETS, FORWARD_TARGETS, GRAD_TARGETS  # noqa: F401
+from fused_masked_mae._second_order import gradient_of_gradient
 
 _log = logging.getLogger("fused_masked_mae")
 
@@ -203,11 +204,25 @@ def masked_mae_custom_call(y_true, y_pred, tokens, sparse=False):
         loss, row_keep = _call(FORWARD_TARGETS[sparse], [flat_true, flat_pred],
                                [([rows], dtype), ([rows], tf.uint8)], tokens_attr)
 
-        def grad(grad_loss):
-            flat_grad_loss = tf.reshape(grad_loss, [-1 if rows is None else rows])
+        # The grad custom call, differentiable in turn (second order: zero
+        # in y_true and y_pred, linear in grad_loss; see _second_order.py).
+        @tf.custom_gradient
+        def grad_call(flat_true, flat_pred, flat_grad_loss):
             (grad_y_pred,) = _call(GRAD_TARGETS[sparse],
                                    [flat_true, flat_pred, row_keep, flat_grad_loss],
                                    [([rows, num_classes], dtype)])
+
+            def grad_of_grad(upstream):
+                dense_true = (tf.one_hot(flat_true, num_classes, dtype=dtype) if sparse
+                              else flat_true)
+                return (None if sparse else tf.zeros_like(flat_true), tf.zeros_like(flat_pred),
+                        gradient_of_gradient(dense_true, flat_pred, row_keep, upstream))
+
+            return grad_y_pred, grad_of_grad
+
+        def grad(grad_loss):
+            flat_grad_loss = tf.reshape(grad_loss, [-1 if rows is None else rows])
+            grad_y_pred = grad_call(flat_true, flat_pred, flat_grad_loss)
             grad_y_pred = tf.reshape(grad_y_pred, tf.shape(y_pred))
             return (None if sparse else -grad_y_pred), grad_y_pred
 

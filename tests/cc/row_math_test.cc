@@ -2,18 +2,25 @@
 // TensorFlow or Python. Built and run by tests/test_cc_row_math.py (and usable
 // under sanitizers or valgrind as is).
 //
+// CheckDenormals: the CUDA kernels' explicit denormal flushing
+// (ExplicitDenormals), in the host row loops' lane order, gives the host row
+// loops' bits under the CPU flush mode (ScopedDenormalFlush), for rows full of
+// denormals and of normals whose differences are denormal.
+//
 // The CUDA kernels reduce a row as "lanes observe chunks in increasing order,
 // then a butterfly of Combine()s"; the host scans in two passes. Here both
 // are run on the host, for every lane-group size the kernels use, on rows
 // full of ties, NaN, +-inf and -0.0, and must agree with a brute-force
 // statement of tf.math.argmax's rule.
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <random>
 #include <vector>
 
+#include "cc/cpu/denormal_flush.h"
 #include "cc/math/host_float16.h"
 #include "cc/math/masked_mae_row.h"
 
@@ -186,6 +193,103 @@ void CheckFloat16() {
   EXPECT(HostBFloat16(1.0f + 1.0f / 256).bits == 0x3f80u, "bfloat16 tie to even");
 }
 
+template <typename T>
+uint64_t BitsOf(T value) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  return bits;
+}
+
+// Whether the CPU flush mode takes effect here (valgrind ignores it).
+bool HardwareFlushWorks() {
+  volatile float tiny = 1e-39f;
+  volatile float one = 1.0f;
+  const ScopedDenormalFlush flush;
+  return ScopedDenormalFlush::FlushesDenormals() && tiny * one == 0.0f;
+}
+
+// The CUDA kernels' per-row math (explicit flushing), in the host loops' order:
+// lane l of 16 observes elements l, l + 16, ..., then the lanes combine in the
+// host's tree. Returns the loss and the keep byte, and writes the gradient.
+template <typename T>
+T ExplicitRow(const std::vector<T>& t, const std::vector<T>& p, const MaskedTokenSet& tokens,
+              T upstream, uint8_t* keep_byte, std::vector<T>* grad) {
+  using Acc = typename AccumulatorOf<T>::type;
+  const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
+  const int64_t c = t.size();
+  RowPartial<Acc> lanes[kHostLanes];
+  for (auto& lane : lanes) lane = RowPartial<Acc>::Empty(lowest);
+  for (int64_t i = 0; i < c; ++i) {
+    lanes[i % kHostLanes].template Observe<ExplicitDenormals>(static_cast<Acc>(t[i]),
+                                                              static_cast<Acc>(p[i]), i);
+  }
+  for (int width = kHostLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) lanes[l] = RowPartial<Acc>::Combine(lanes[l], lanes[l + width]);
+  }
+  const Acc keep = KeepFactor(lanes[0], tokens);
+  *keep_byte = KeepByte(keep);
+  const Acc scale = RowGradientScale<ExplicitDenormals>(upstream, KeepFromByte<Acc>(*keep_byte), c);
+  for (int64_t i = 0; i < c; ++i) {
+    (*grad)[i] = static_cast<T>(CanonicalNaN(ElementGradientValue<ExplicitDenormals>(
+        scale, static_cast<Acc>(t[i]), static_cast<Acc>(p[i]))));
+  }
+  return static_cast<T>(CanonicalNaN(MaskedMean<ExplicitDenormals>(keep, lanes[0].abs_diff_sum, c)));
+}
+
+template <typename T>
+void CheckDenormals(const char* name, const std::vector<double>& specials) {
+  using Acc = typename AccumulatorOf<T>::type;
+  if (!HardwareFlushWorks()) {
+    std::printf("%s denormals: skipped (the CPU flush mode has no effect here)\n", name);
+    return;
+  }
+  std::mt19937 rng(99);
+  int rows_checked = 0;
+  for (int64_t c : {1, 3, 4, 16, 17, 40, 100}) {
+    for (int rep = 0; rep < 200; ++rep) {
+      std::vector<T> t(c), p(c), hw_grad(c), ex_grad(c), ex_grad_ftz(c);
+      for (int64_t i = 0; i < c; ++i) {
+        t[i] = static_cast<T>(static_cast<Acc>(specials[rng() % specials.size()]));
+        p[i] = static_cast<T>(static_cast<Acc>(specials[rng() % specials.size()]));
+      }
+      const T upstream = static_cast<T>(static_cast<Acc>(specials[rng() % specials.size()]));
+      MaskedTokenSet tokens{};
+      for (int64_t k = 0; k < c && k < 4; ++k) tokens.ids[tokens.count++] = k;
+      uint8_t hw_keep = 7, ex_keep = 9, ex_keep_ftz = 11;
+      T hw_loss, ex_loss_ftz;
+      {
+        const ScopedDenormalFlush flush;
+        hw_loss = ComputeRowLoss(DenseRow(t.data()), p.data(), c, tokens, &hw_keep);
+        ComputeRowGradient(DenseRow(t.data()), p.data(), c, hw_keep, upstream, hw_grad.data());
+        ex_loss_ftz = ExplicitRow(t, p, tokens, upstream, &ex_keep_ftz, &ex_grad_ftz);
+      }
+      const T ex_loss = ExplicitRow(t, p, tokens, upstream, &ex_keep, &ex_grad);  // IEEE mode
+      EXPECT(hw_keep == ex_keep && hw_keep == ex_keep_ftz, "%s C=%ld keep %d vs %d", name,
+             (long)c, hw_keep, ex_keep);
+      EXPECT(BitsOf(hw_loss) == BitsOf(ex_loss) && BitsOf(hw_loss) == BitsOf(ex_loss_ftz),
+             "%s C=%ld loss %g vs %g", name, (long)c, (double)static_cast<Acc>(hw_loss),
+             (double)static_cast<Acc>(ex_loss));
+      for (int64_t i = 0; i < c; ++i) {
+        EXPECT(BitsOf(hw_grad[i]) == BitsOf(ex_grad[i]) &&
+                   BitsOf(hw_grad[i]) == BitsOf(ex_grad_ftz[i]),
+               "%s C=%ld grad[%ld] %g vs %g", name, (long)c, (long)i,
+               (double)static_cast<Acc>(hw_grad[i]), (double)static_cast<Acc>(ex_grad[i]));
+      }
+      ++rows_checked;
+    }
+  }
+  // The flush itself: signed zeros, normals, NaN and inf kept.
+  const Acc min = std::numeric_limits<Acc>::min();
+  EXPECT(BitsOf(FlushDenormal(min / Acc(4))) == BitsOf(Acc(0)), "%s +denormal", name);
+  EXPECT(BitsOf(FlushDenormal(-min / Acc(4))) == BitsOf(-Acc(0)), "%s -denormal", name);
+  EXPECT(FlushDenormal(min) == min && FlushDenormal(-min) == -min, "%s min normal", name);
+  EXPECT(std::isnan(static_cast<double>(FlushDenormal(std::numeric_limits<Acc>::quiet_NaN()))),
+         "%s NaN", name);
+  EXPECT(FlushDenormal(std::numeric_limits<Acc>::infinity()) ==
+             std::numeric_limits<Acc>::infinity(), "%s inf", name);
+  std::printf("%s denormals: %d rows checked\n", name, rows_checked);
+}
+
 int main() {
   CheckRows<float>("float32", -std::numeric_limits<float>::max());
   CheckRows<double>("float64", -std::numeric_limits<double>::max());
@@ -193,6 +297,19 @@ int main() {
   CheckRows<HostBFloat16>("bfloat16", -3.38953138925153547590470800371487866880e+38);
   CheckGradient();
   CheckFloat16();
+  {
+    const double f = std::numeric_limits<float>::min();  // 1.1754944e-38
+    const std::vector<double> f32 = {0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3e-40, f, -f, 1.5 * f,
+                                     1.25 * f, 2 * f, 1e-38, -1.5 * f, NAN, INFINITY, 4 * f,
+                                     1e-45, 2.5e-39};
+    CheckDenormals<float>("float32", f32);
+    CheckDenormals<HostBFloat16>("bfloat16", f32);
+    CheckDenormals<HostHalf>("float16", {0.0, -0.0, 1.0, 6e-8, -6e-8, 1e-5, 6.1e-5, NAN, 2e-7});
+    const double d = std::numeric_limits<double>::min();
+    CheckDenormals<double>("float64", {0.0, -0.0, 1.0, -1.0, 1e-310, -1e-310, 3e-310, d, -d,
+                                       1.5 * d, 1.25 * d, 2 * d, 4 * d, -1.5 * d, NAN, INFINITY,
+                                       5e-324});
+  }
   std::printf("%s: %d failures\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
 }
