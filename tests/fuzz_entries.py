@@ -18,12 +18,15 @@ Entry points (ENTRY_POINTS, one table per loss; add a row to extend it):
   function  the op inside tf.function (one trace per dtype/rank/C/tokens)
   jit       tf.function(jit_compile=True): the XLA custom calls
   core      fused_masked_mae.core (NumPy; misaligned/strided arrays as drawn)
+  jax       fused_masked_mae.jax (the XLA handlers through jax.ffi; jax.vjp), x64 on
+  torch     fused_masked_mae.torch (the custom ops; autograd), CPU tensors
   isa:NAME  core in a worker process per other CPU variant this machine has
             (FUSED_MASKED_MAE_CPU_ISA=NAME), fed cases over a pipe
 An entry is a function `entry(case) -> (loss, grad)` as NumPy arrays, that
 raises for refused inputs; `case` has dtype, sparse, y_true, y_pred,
-grad_loss and tokens (see Case). A JAX or PyTorch front door, or another
-loss (LOSSES), adds its functions to the tables below.
+grad_loss and tokens (see Case). Another front door, or another loss,
+adds its functions to the tables below (jax/torch are left out, saying so,
+where they are not installed).
 
 Run by ./build.sh sanitize (a fast slice under ASan+UBSan) and on demand with
 --cases 100000. Exits non-zero on the first disagreement, printing the case.
@@ -210,6 +213,57 @@ def function_entry(case):
     return _graph_entry(case, jit=False)
 
 
+def jax_entry(case):
+    """fused_masked_mae.jax (XLA FFI custom calls, eager: one compilation per
+    shape), the gradient through jax.vjp. x64 on, for float64 and int64 ids."""
+    import jax
+    import jax.numpy as jnp
+
+    from fused_masked_mae import jax as fmj
+
+    fn = fmj.sparse_masked_mae_tokens if case.sparse else fmj.masked_mae_tokens
+    y_true, y_pred = jnp.asarray(case.y_true), jnp.asarray(case.y_pred)
+    try:
+        loss, vjp = jax.vjp(lambda p: fn(y_true, p, case.tokens), y_pred)
+        grad = vjp(jnp.asarray(case.grad_loss))[0]
+        jax.block_until_ready((loss, grad))
+    except jax.errors.JaxRuntimeError as error:  # the CPU handler's run-time id check
+        if "INVALID_ARGUMENT" in str(error):
+            raise ValueError(str(error)) from error
+        raise
+    return np.asarray(loss), np.asarray(grad)
+
+
+def _to_torch(array):
+    import torch
+
+    if array.dtype == FLOATS["bfloat16"]:
+        return torch.from_numpy(array.copy().view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)  # misaligned and strided as drawn
+
+
+def _from_torch(tensor):
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(FLOATS["bfloat16"])
+    return tensor.numpy()
+
+
+def torch_entry(case):
+    """fused_masked_mae.torch (custom ops on CPU), the gradient by autograd."""
+    import torch
+
+    from fused_masked_mae import torch as fmt
+
+    fn = fmt.sparse_masked_mae_tokens if case.sparse else fmt.masked_mae_tokens
+    y_pred = _to_torch(case.y_pred).requires_grad_(True)
+    loss = fn(_to_torch(case.y_true), y_pred, case.tokens)
+    grad = torch.autograd.grad(loss, y_pred, _to_torch(case.grad_loss))[0]
+    return _from_torch(loss), _from_torch(grad)
+
+
 def jit_entry(case):
     return _graph_entry(case, jit=True)
 
@@ -267,8 +321,25 @@ GRAPH_ENTRIES = ("function", "jit")
 # PyTorch) adds its table or its rows here.
 ENTRY_POINTS = {
     "masked_mae": {"op": op_entry, "function": function_entry, "jit": jit_entry,
-                   "core": core_entry},
+                   "core": core_entry, "jax": jax_entry, "torch": torch_entry},
 }
+
+
+def available_entries(loss):
+    """ENTRY_POINTS[loss] less the JAX/torch rows whose framework is not
+    installed (a TensorFlow-only install), said once."""
+    entries = dict(ENTRY_POINTS[loss])
+    for name, module in (("jax", "jax"), ("torch", "torch")):
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"fuzz_entries: {module} is not installed: no {name} entry", file=sys.stderr)
+            entries.pop(name, None)
+    if "jax" in entries:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    return entries
 
 
 # --- Oracle: the keep bytes ----------------------------------------------------------
@@ -352,7 +423,7 @@ def main():
     from fused_masked_mae import _core
 
     tf.get_logger().setLevel("ERROR")
-    entries = dict(ENTRY_POINTS["masked_mae"])
+    entries = available_entries("masked_mae")
     workers = []
     if not args.no_isa:
         for isa in _core.cpu_isas_supported():
