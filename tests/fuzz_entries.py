@@ -19,6 +19,7 @@ Entry points (ENTRY_POINTS, one table per loss; add a row to extend it):
   jit       tf.function(jit_compile=True): the XLA custom calls
   core      fused_masked_mae.core (NumPy; misaligned/strided arrays as drawn)
   jax       fused_masked_mae.jax (the XLA handlers through jax.ffi; jax.vjp), x64 on
+            (scoped to the call: jax.enable_x64)
   torch     fused_masked_mae.torch (the custom ops; autograd), CPU tensors
   isa:NAME  core in a worker process per other CPU variant this machine has
             (FUSED_MASKED_MAE_CPU_ISA=NAME), fed cases over a pipe
@@ -222,16 +223,17 @@ def jax_entry(case):
     from fused_masked_mae import jax as fmj
 
     fn = fmj.sparse_masked_mae_tokens if case.sparse else fmj.masked_mae_tokens
-    y_true, y_pred = jnp.asarray(case.y_true), jnp.asarray(case.y_pred)
-    try:
-        loss, vjp = jax.vjp(lambda p: fn(y_true, p, case.tokens), y_pred)
-        grad = vjp(jnp.asarray(case.grad_loss))[0]
-        jax.block_until_ready((loss, grad))
-    except jax.errors.JaxRuntimeError as error:  # the CPU handler's run-time id check
-        if "INVALID_ARGUMENT" in str(error):
-            raise ValueError(str(error)) from error
-        raise
-    return np.asarray(loss), np.asarray(grad)
+    with jax.enable_x64(True):  # scoped: a pytest process's other tests keep their setting
+        y_true, y_pred = jnp.asarray(case.y_true), jnp.asarray(case.y_pred)
+        try:
+            loss, vjp = jax.vjp(lambda p: fn(y_true, p, case.tokens), y_pred)
+            grad = vjp(jnp.asarray(case.grad_loss))[0]
+            jax.block_until_ready((loss, grad))
+        except jax.errors.JaxRuntimeError as error:  # the CPU handler's run-time id check
+            if "INVALID_ARGUMENT" in str(error):
+                raise ValueError(str(error)) from error
+            raise
+        return np.asarray(loss), np.asarray(grad)
 
 
 def _to_torch(array):
@@ -335,10 +337,6 @@ def available_entries(loss):
         except ImportError:
             print(f"fuzz_entries: {module} is not installed: no {name} entry", file=sys.stderr)
             entries.pop(name, None)
-    if "jax" in entries:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
     return entries
 
 

@@ -402,7 +402,7 @@ def test_fuzz_harness_agrees_on_the_real_entries_and_catches_a_planted_differenc
     import fuzz_entries
 
     rng = np.random.default_rng(5)
-    entries = dict(fuzz_entries.ENTRY_POINTS["masked_mae"])
+    entries = fuzz_entries.available_entries("masked_mae")  # JAX/torch where installed
     cases = [fuzz_entries.draw_case(rng) for _ in range(40)]
     assert all(fuzz_entries.check_case(case, entries) is None for case in cases)
 
