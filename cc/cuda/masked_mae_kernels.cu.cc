@@ -42,6 +42,7 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxRowBlockThreads = 512;    // largest forward block (masked_mae_launch.cc picks the shape)
+constexpr int kMaxGroupBlockThreads = 256;  // largest block of the lane-group forward kernels
 constexpr int kGradientBlockThreads = 256;  // the gradient's block (masked_mae_launch.cc)
 
 // Where a kernel reads its targets: dense rows of T, or one class id per row.
@@ -89,10 +90,6 @@ struct Vec {
   static constexpr int kSize = 16 / sizeof(T);
 };
 
-__device__ __forceinline__ bool Aligned16(const void* ptr) {
-  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
-}
-
 // One 16-byte chunk of T, loaded/stored as a single uint4.
 template <typename T>
 union Chunk {
@@ -101,27 +98,97 @@ union Chunk {
   __device__ Chunk() {}
 };
 
-// 16-byte loads need every row pointer they read or write aligned.
-template <typename T>
-__device__ __forceinline__ bool TargetAligned(const DenseTargetRow<T>& row) {
-  return Aligned16(row.values);
+// Bytes [shift, shift + 16) of the 32 bytes lo:hi, for shift in [0, 16):
+// selects and funnel shifts on constant register indices, no local memory.
+__device__ __forceinline__ uint4 BytesAt(const uint4& lo, const uint4& hi, int shift) {
+  const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  const int q = shift >> 2;
+  const uint32_t bits = static_cast<uint32_t>(shift & 3) * 8u;
+  uint32_t out[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t a = q == 0 ? w[k] : q == 1 ? w[k + 1] : q == 2 ? w[k + 2] : w[k + 3];
+    const uint32_t b = q == 0 ? w[k + 1] : q == 1 ? w[k + 2] : q == 2 ? w[k + 3] : w[k + 4];
+    out[k] = __funnelshift_r(a, b, bits);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
 }
-__device__ __forceinline__ bool TargetAligned(const SparseTargetRow&) { return true; }
 
-// The targets of one full chunk, as Acc.
-template <typename T, typename Acc>
-__device__ __forceinline__ void LoadTargetChunk(const DenseTargetRow<T>& row, int64_t first,
-                                                Acc (&out)[Vec<T>::kSize]) {
-  Chunk<T> chunk;
-  chunk.raw = __ldg(reinterpret_cast<const uint4*>(row.values + first));
+// Reads one row of T (y_pred, or dense y_true) by 16-byte chunks: chunk c is
+// elements [c * kVec, c * kVec + kVec) of the row, whatever the row's address.
+// The row starts `shift` bytes past the 16-byte boundary `base`; chunk c lies
+// in the aligned blocks base[c] (and base[c + 1] when shift > 0). Chunks
+// whose blocks lie inside the row, [vector_begin, vector_end), are read with
+// one aligned load (shift 0) or two (then shifted into place); the others
+// (the peel before the first boundary, the tail) element by element. No byte
+// outside the row is read.
+template <typename T>
+struct RowReader {
+  const uint4* base;
+  int shift;
+  int64_t vector_begin, vector_end;
+
+  __device__ RowReader(const T* row, int64_t num_classes) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(row);
+    base = reinterpret_cast<const uint4*>(address & ~uintptr_t{15});
+    shift = static_cast<int>(address & 15u);
+    const int64_t end_blocks = (shift + num_classes * static_cast<int64_t>(sizeof(T))) / 16;
+    if (address % sizeof(T) != 0) {  // not even element-aligned: no vector access
+      vector_begin = vector_end = 0;
+    } else if (shift == 0) {
+      vector_begin = 0;
+      vector_end = end_blocks;
+    } else {
+      vector_begin = 1;
+      vector_end = end_blocks - 1;
+    }
+  }
+
+  __device__ __forceinline__ uint4 Load(int64_t c) const {
+    if (shift == 0) return __ldg(base + c);
+    return BytesAt(__ldg(base + c), __ldg(base + c + 1), shift);
+  }
+};
+
+// The targets of a row as the streaming loop reads them: a RowReader for
+// dense rows; for class ids, nothing to read (every chunk is "vector").
+template <typename T>
+struct TargetReader {
+  RowReader<T> reader;
+  __device__ TargetReader(const DenseTargetRow<T>& r, int64_t num_classes)
+      : reader(r.values, num_classes) {}
+  __device__ int64_t VectorBegin() const { return reader.vector_begin; }
+  __device__ int64_t VectorEnd() const { return reader.vector_end; }
+  template <typename Acc>
+  __device__ __forceinline__ void Load(int64_t c, Acc (&out)[Vec<T>::kSize]) const {
+    Chunk<T> chunk;
+    chunk.raw = reader.Load(c);
 #pragma unroll
-  for (int k = 0; k < Vec<T>::kSize; ++k) out[k] = static_cast<Acc>(chunk.values[k]);
+    for (int k = 0; k < Vec<T>::kSize; ++k) out[k] = static_cast<Acc>(chunk.values[k]);
+  }
+};
+
+template <typename T>
+struct SparseTargetReader {
+  const SparseTargetRow& row;
+  __device__ int64_t VectorBegin() const { return 0; }
+  __device__ int64_t VectorEnd() const { return INT64_MAX; }
+  template <typename Acc>
+  __device__ __forceinline__ void Load(int64_t c, Acc (&out)[Vec<T>::kSize]) const {
+#pragma unroll
+    for (int k = 0; k < Vec<T>::kSize; ++k) out[k] = row.At<Acc>(c * Vec<T>::kSize + k);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ TargetReader<T> MakeTargetReader(const DenseTargetRow<T>& row,
+                                                            int64_t num_classes) {
+  return TargetReader<T>(row, num_classes);
 }
-template <typename T, typename Acc>
-__device__ __forceinline__ void LoadTargetChunk(const SparseTargetRow& row, int64_t first,
-                                                Acc (&out)[Vec<T>::kSize]) {
-#pragma unroll
-  for (int k = 0; k < Vec<T>::kSize; ++k) out[k] = row.At<Acc>(first + k);
+template <typename T>
+__device__ __forceinline__ SparseTargetReader<T> MakeTargetReader(const SparseTargetRow& row,
+                                                                  int64_t) {
+  return SparseTargetReader<T>{row};
 }
 
 // The CUDA kernels treat an id outside [0, C) as NaN (host code rejects it
@@ -132,73 +199,107 @@ __device__ __forceinline__ bool TargetValid(const SparseTargetRow& row, int64_t 
   return row.id >= 0 && row.id < num_classes;
 }
 
-// Visits this lane's chunks in increasing order: a full chunk of an aligned
-// row as one 16-byte access (vector_chunk(first)), anything else element by
-// element (element(i)). Which elements a lane sees never depends on alignment.
-template <int kVec, typename VectorChunk, typename Element>
-__device__ __forceinline__ void ForEachLaneChunk(int64_t num_classes, bool vector_ok, int lane,
-                                                 int group, const VectorChunk& vector_chunk,
-                                                 const Element& element) {
+// The row streaming loop: calls observe(t, p, i) (as Acc) for every element i
+// of this lane's chunks lane, lane + group, ... in increasing order. Which
+// elements a lane sees and in which order depends only on num_classes, never
+// on addresses (alignment only decides how a chunk is read). Two chunks per
+// step are loaded before either is observed, so that each lane keeps several
+// 16-byte loads in flight.
+template <typename Acc, typename T, typename TargetRow, typename Observe>
+__device__ __forceinline__ void StreamRowChunks(const TargetRow& t, const T* p,
+                                                int64_t num_classes, int lane, int group,
+                                                const Observe& observe) {
+  constexpr int kVec = Vec<T>::kSize;
   const int64_t chunks = (num_classes + kVec - 1) / kVec;
-  for (int64_t c = lane; c < chunks; c += group) {
+  const RowReader<T> pr(p, num_classes);
+  const auto tr = MakeTargetReader<T>(t, num_classes);
+  const int64_t vector_begin =
+      pr.vector_begin > tr.VectorBegin() ? pr.vector_begin : tr.VectorBegin();
+  const int64_t vector_end = pr.vector_end < tr.VectorEnd() ? pr.vector_end : tr.VectorEnd();
+  const auto scalar_chunk = [&](int64_t c) {
     const int64_t first = c * kVec;
-    if (vector_ok && first + kVec <= num_classes) {
-      vector_chunk(first);
+    const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
+    for (int64_t i = first; i < last; ++i) {
+      observe(t.template At<Acc>(i), static_cast<Acc>(p[i]), i);
+    }
+  };
+  const auto vector_chunk = [&](int64_t c, const Chunk<T>& pc, const Acc (&tv)[kVec]) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) observe(tv[k], static_cast<Acc>(pc.values[k]), c * kVec + k);
+  };
+  int64_t c = lane;
+  for (; c < chunks && c < vector_begin; c += group) scalar_chunk(c);  // the peel
+  for (; c + group < vector_end; c += 2 * group) {
+    Chunk<T> p0, p1;
+    Acc t0[kVec], t1[kVec];
+    p0.raw = pr.Load(c);
+    p1.raw = pr.Load(c + group);
+    tr.Load(c, t0);
+    tr.Load(c + group, t1);
+    vector_chunk(c, p0, t0);
+    vector_chunk(c + group, p1, t1);
+  }
+  for (; c < chunks; c += group) {
+    if (c >= vector_begin && c < vector_end) {
+      Chunk<T> pc;
+      Acc tv[kVec];
+      pc.raw = pr.Load(c);
+      tr.Load(c, tv);
+      vector_chunk(c, pc, tv);
     } else {
-      const int64_t last = first + kVec < num_classes ? first + kVec : num_classes;
-      for (int64_t i = first; i < last; ++i) element(i);
+      scalar_chunk(c);
     }
   }
 }
 
-template <typename T, typename TargetRow, typename Acc>
-__device__ __forceinline__ RowPartial<Acc> ScanLaneChunks(const TargetRow& t, const T* p,
-                                                          int64_t num_classes, bool vector_ok,
-                                                          int lane, int group, Acc lowest) {
-  constexpr int kVec = Vec<T>::kSize;
-  RowPartial<Acc> part = RowPartial<Acc>::Empty(lowest);
-  ForEachLaneChunk<kVec>(
-      num_classes, vector_ok, lane, group,
-      [&](int64_t first) {
-        Acc tv[kVec];
-        LoadTargetChunk<T>(t, first, tv);
-        Chunk<T> pc;
-        pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) part.Observe(tv[k], static_cast<Acc>(pc.values[k]), first + k);
-      },
-      [&](int64_t i) { part.Observe(t.template At<Acc>(i), static_cast<Acc>(p[i]), i); });
-  return part;
+// Shuffles: a 32-bit index is one shuffle, a 64-bit one two.
+template <typename V>
+__device__ __forceinline__ V ShuffleXorValue(V v, int mask, int width) {
+  if constexpr (sizeof(V) == 8) {
+    return static_cast<V>(__shfl_xor_sync(kFullMask, static_cast<long long>(v), mask, width));
+  } else {
+    return __shfl_xor_sync(kFullMask, v, mask, width);
+  }
+}
+__device__ __forceinline__ double ShuffleXorValue(double v, int mask, int width) {
+  return __shfl_xor_sync(kFullMask, v, mask, width);
 }
 
-template <typename Acc>
-__device__ __forceinline__ RowPartial<Acc> ShuffleXor(const RowPartial<Acc>& a, int mask,
-                                                      int width) {
-  RowPartial<Acc> b;
-  b.target.value = __shfl_xor_sync(kFullMask, a.target.value, mask, width);
-  b.target.index = static_cast<int64_t>(
-      __shfl_xor_sync(kFullMask, static_cast<long long>(a.target.index), mask, width));
-  b.prediction.value = __shfl_xor_sync(kFullMask, a.prediction.value, mask, width);
-  b.prediction.index = static_cast<int64_t>(
-      __shfl_xor_sync(kFullMask, static_cast<long long>(a.prediction.index), mask, width));
-  b.abs_diff_sum = __shfl_xor_sync(kFullMask, a.abs_diff_sum, mask, width);
+template <typename Acc, typename Index>
+__device__ __forceinline__ ArgmaxState<Acc, Index> ShuffleXor(const ArgmaxState<Acc, Index>& a,
+                                                              int mask, int width) {
+  ArgmaxState<Acc, Index> b;
+  b.value = ShuffleXorValue(a.value, mask, width);
+  b.index = ShuffleXorValue(a.index, mask, width);
   return b;
 }
 
-// Butterfly over `width` lanes (a power of two <= 32). Every lane ends with the
-// same result: Combine is commutative for argmax, and a + b == b + a in IEEE.
-template <typename Acc>
-__device__ __forceinline__ RowPartial<Acc> WarpReduce(RowPartial<Acc> part, int width) {
+template <typename Acc, typename Index>
+__device__ __forceinline__ RowPartial<Acc, Index> ShuffleXor(const RowPartial<Acc, Index>& a,
+                                                             int mask, int width) {
+  RowPartial<Acc, Index> b;
+  b.target = ShuffleXor(a.target, mask, width);
+  b.prediction = ShuffleXor(a.prediction, mask, width);
+  b.abs_diff_sum = ShuffleXorValue(a.abs_diff_sum, mask, width);
+  return b;
+}
+
+// Butterfly over `width` lanes (a power of two <= 32) of any Partial with a
+// Combine and a ShuffleXor overload. Every lane ends with the same result
+// (Combine is commutative for argmax, and a + b == b + a in IEEE).
+template <typename Partial>
+__device__ __forceinline__ Partial WarpReduce(Partial part, int width) {
   for (int offset = width / 2; offset > 0; offset /= 2) {
-    part = RowPartial<Acc>::Combine(part, ShuffleXor(part, offset, width));
+    part = Partial::Combine(part, ShuffleXor(part, offset, width));
   }
   return part;
 }
 
-// Whole-block reduction for a block-per-row launch; all threads get the result.
-template <typename Acc>
-__device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc lowest) {
-  __shared__ RowPartial<Acc> warp_parts[kMaxRowBlockThreads / kWarpSize];
+// Whole-block reduction for a block-per-row launch; all threads get the
+// result. `empty` is the identity of Partial::Combine.
+template <typename Partial>
+__device__ __forceinline__ Partial BlockReduce(Partial part, const Partial& empty) {
+  __shared__ Partial warp_parts[kMaxRowBlockThreads / kWarpSize];
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
@@ -206,7 +307,7 @@ __device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc
   if (lane == 0) warp_parts[warp] = part;
   __syncthreads();
   if (warp == 0) {
-    part = lane < num_warps ? warp_parts[lane] : RowPartial<Acc>::Empty(lowest);
+    part = lane < num_warps ? warp_parts[lane] : empty;
     part = WarpReduce(part, kWarpSize);
     if (lane == 0) warp_parts[0] = part;
   }
@@ -216,12 +317,12 @@ __device__ __forceinline__ RowPartial<Acc> BlockReduce(RowPartial<Acc> part, Acc
   return part;
 }
 
-// The forward: loss and keep byte per row. kGroup: lanes per row (1..32), or
-// 0 for one whole block per row.
-template <typename T, typename Targets, int kGroup>
-__device__ __forceinline__ void MaskedMaeRows(const KernelParams& raw_params) {
-  const TypedParams<T, Targets> params(raw_params);
+// The forward with argmax indices of type Index: loss and keep byte per row.
+// kGroup: lanes per row (1..32), or 0 for one whole block per row.
+template <typename T, typename Targets, int kGroup, typename Index>
+__device__ __forceinline__ void MaskedMaeRowsWithIndex(const TypedParams<T, Targets>& params) {
   using Acc = typename AccumulatorOf<T>::type;
+  using Partial = RowPartial<Acc, Index>;
   const Acc lowest = LowestFinite<Acc>(ElementKindOf<T>::value);
   const int group = kGroup > 0 ? kGroup : static_cast<int>(blockDim.x);
   const int lane = threadIdx.x % group;
@@ -235,20 +336,35 @@ __device__ __forceinline__ void MaskedMaeRows(const KernelParams& raw_params) {
     const int64_t row = first_row + threadIdx.x / group;
     const bool in_range = row < params.rows;
     const int64_t safe_row = in_range ? row : 0;
-    const int64_t offset = safe_row * num_classes;
     const auto t = params.y_true.Row(safe_row, num_classes);
     const bool valid = in_range && TargetValid(t, num_classes);
-    const T* p = params.y_pred + offset;
-    const bool vector_ok = TargetAligned(t) && Aligned16(p);
-    const Acc nan = Acc(NAN);
-    RowPartial<Acc> part = valid
-                               ? ScanLaneChunks(t, p, num_classes, vector_ok, lane, group, lowest)
-                               : RowPartial<Acc>::Empty(lowest);
-    part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, lowest);
+    Partial part = Partial::Empty(lowest);
+    if (valid) {
+      StreamRowChunks<Acc>(t, params.y_pred + safe_row * num_classes, num_classes, lane, group,
+                           [&](Acc tv, Acc pv, int64_t i) { part.Observe(tv, pv, i); });
+    }
+    part = kGroup > 0 ? WarpReduce(part, kGroup) : BlockReduce(part, Partial::Empty(lowest));
     if (!in_range || lane != 0) continue;
     const Acc keep = KeepFactor(part, params.tokens);
-    params.out[row] = static_cast<T>(valid ? MaskedMean(keep, part.abs_diff_sum, num_classes) : nan);
+    params.out[row] =
+        static_cast<T>(valid ? MaskedMean(keep, part.abs_diff_sum, num_classes) : Acc(NAN));
     if (params.row_keep != nullptr) params.row_keep[row] = KeepByte(keep);
+  }
+}
+
+// The forward. Rows of at most 2^32 - 1 classes (all in practice) reduce
+// 32-bit argmax indices; the branch is uniform over the grid. (The CUDA
+// emulator lowers the limit to run both paths: tests/cuda_emu.)
+#ifndef FUSED_MASKED_MAE_INDEX32_MAX_CLASSES
+#define FUSED_MASKED_MAE_INDEX32_MAX_CLASSES int64_t{0xffffffff}
+#endif
+template <typename T, typename Targets, int kGroup>
+__device__ __forceinline__ void MaskedMaeRows(const KernelParams& raw_params) {
+  const TypedParams<T, Targets> params(raw_params);
+  if (params.num_classes <= FUSED_MASKED_MAE_INDEX32_MAX_CLASSES) {
+    MaskedMaeRowsWithIndex<T, Targets, kGroup, uint32_t>(params);
+  } else {
+    MaskedMaeRowsWithIndex<T, Targets, kGroup, int64_t>(params);
   }
 }
 
@@ -318,7 +434,10 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
     pc.raw = __ldg(reinterpret_cast<const uint4*>(p + first));
     Acc tv[kVec];
     if constexpr (kDense) {
-      LoadTargetChunk<T>(DenseTargetRow<T>{params.y_true.values}, first, tv);
+      Chunk<T> tc;
+      tc.raw = __ldg(reinterpret_cast<const uint4*>(params.y_true.values + first));
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) tv[k] = static_cast<Acc>(tc.values[k]);
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -348,7 +467,8 @@ __device__ __forceinline__ void GradientStream(const KernelParams& raw_params) {
 // The extern "C" kernels, named as masked_mae_kernel_abi.h's KernelName spells
 // them: forward per (dtype, targets, lanes per row), gradient per (dtype, targets).
 #define MMAE_FORWARD(TNAME, T, TARGETNAME, TARGETS, G)                                  \
-  extern "C" __global__ void __launch_bounds__(kMaxRowBlockThreads)                    \
+  extern "C" __global__ void __launch_bounds__(                                        \
+      G == 0 ? kMaxRowBlockThreads : kMaxGroupBlockThreads, 1)                           \
       fused_masked_mae_fwd_##TNAME##_##TARGETNAME##_g##G(const KernelParams params) { \
     MaskedMaeRows<T, TARGETS, G>(params);                                              \
   }

@@ -97,37 +97,58 @@ MMAE_HOST_DEVICE Acc AbsDiff(Acc p, Acc t) {
 //   keep the larger value; on equal values the smaller index; NaN never enters
 //   (NaN > x is false) and neither does a value not above the dtype's lowest.
 // -0.0 and 0.0 compare equal, so they tie, as in tf.math.argmax.
-template <typename Acc>
+//
+// Index is int64_t, or uint32_t where every index of the row is below
+// 0xffffffff (the CUDA kernels: a 32-bit index is one shuffle, a 64-bit one
+// two). "No candidate" is the Index's largest value either way, so the tie
+// rule orders it last in both.
+template <typename Acc, typename Index = int64_t>
 struct ArgmaxState {
+  static_assert(std::is_same<Index, int64_t>::value || std::is_same<Index, uint32_t>::value,
+                "Index is int64_t or uint32_t");
+  static constexpr Index kNone = std::is_same<Index, int64_t>::value
+                                     ? static_cast<Index>(kNoIndex)
+                                     : static_cast<Index>(0xffffffffu);
   Acc value;
-  int64_t index;
+  Index index;
 
-  MMAE_HOST_DEVICE static ArgmaxState Empty(Acc lowest) { return {lowest, kNoIndex}; }
+  MMAE_HOST_DEVICE static ArgmaxState Empty(Acc lowest) { return {lowest, kNone}; }
 
   MMAE_HOST_DEVICE void Observe(Acc v, int64_t i) {
     const bool take = Improves(v, value);
     value = take ? v : value;
-    index = take ? i : index;
+    index = take ? static_cast<Index>(i) : index;
   }
 
+  // Field by field: a select of the whole struct (take_b ? b : a) makes
+  // compilers build both in memory (an 80-byte stack frame per kernel on sm_80).
   MMAE_HOST_DEVICE static ArgmaxState Combine(const ArgmaxState& a, const ArgmaxState& b) {
     const bool take_b = b.value > a.value || (b.value == a.value && b.index < a.index);
-    return take_b ? b : a;
+    ArgmaxState out;
+    out.value = take_b ? b.value : a.value;
+    out.index = take_b ? b.index : a.index;
+    return out;
   }
 
   // tf.math.argmax returns 0 when no element is a candidate (all NaN, say).
-  MMAE_HOST_DEVICE int64_t Result() const { return index == kNoIndex ? 0 : index; }
+  MMAE_HOST_DEVICE int64_t Result() const {
+    return index == kNone ? 0 : static_cast<int64_t>(index);
+  }
 };
 
 // Everything the loss needs from a (partial) row, in one pass over t and p.
-template <typename Acc>
+template <typename Acc, typename Index = int64_t>
 struct RowPartial {
-  ArgmaxState<Acc> target;
-  ArgmaxState<Acc> prediction;
+  ArgmaxState<Acc, Index> target;
+  ArgmaxState<Acc, Index> prediction;
   Acc abs_diff_sum;
 
   MMAE_HOST_DEVICE static RowPartial Empty(Acc lowest) {
-    return {ArgmaxState<Acc>::Empty(lowest), ArgmaxState<Acc>::Empty(lowest), Acc(0)};
+    RowPartial out;
+    out.target = ArgmaxState<Acc, Index>::Empty(lowest);
+    out.prediction = ArgmaxState<Acc, Index>::Empty(lowest);
+    out.abs_diff_sum = Acc(0);
+    return out;
   }
 
   MMAE_HOST_DEVICE void Observe(Acc t, Acc p, int64_t i) {
@@ -139,9 +160,11 @@ struct RowPartial {
   // Not commutative for abs_diff_sum bit patterns: callers combine in a fixed
   // order so that results are reproducible run to run.
   MMAE_HOST_DEVICE static RowPartial Combine(const RowPartial& a, const RowPartial& b) {
-    return {ArgmaxState<Acc>::Combine(a.target, b.target),
-            ArgmaxState<Acc>::Combine(a.prediction, b.prediction),
-            a.abs_diff_sum + b.abs_diff_sum};
+    RowPartial out;
+    out.target = ArgmaxState<Acc, Index>::Combine(a.target, b.target);
+    out.prediction = ArgmaxState<Acc, Index>::Combine(a.prediction, b.prediction);
+    out.abs_diff_sum = a.abs_diff_sum + b.abs_diff_sum;
+    return out;
   }
 };
 
@@ -168,8 +191,8 @@ MMAE_HOST_DEVICE float KeepFactorFor(int64_t target_argmax, bool prediction_argm
   return prediction_argmax_equal && tokens.Contains(target_argmax) ? 0.0f : 1.0f;
 }
 
-template <typename Acc>
-MMAE_HOST_DEVICE Acc KeepFactor(const RowPartial<Acc>& row, const MaskedTokenSet& tokens) {
+template <typename Acc, typename Index>
+MMAE_HOST_DEVICE Acc KeepFactor(const RowPartial<Acc, Index>& row, const MaskedTokenSet& tokens) {
   const int64_t t = row.target.Result();
   return Acc(KeepFactorFor(t, t == row.prediction.Result(), tokens));
 }
@@ -180,8 +203,8 @@ MMAE_HOST_DEVICE Acc MaskedMean(Acc keep, Acc abs_diff_sum, int64_t num_classes)
   return keep * (abs_diff_sum / Acc(num_classes));
 }
 
-template <typename Acc>
-MMAE_HOST_DEVICE Acc RowLoss(const RowPartial<Acc>& row, const MaskedTokenSet& tokens,
+template <typename Acc, typename Index>
+MMAE_HOST_DEVICE Acc RowLoss(const RowPartial<Acc, Index>& row, const MaskedTokenSet& tokens,
                              int64_t num_classes) {
   return MaskedMean(KeepFactor(row, tokens), row.abs_diff_sum, num_classes);
 }

@@ -480,6 +480,11 @@ void RunKernel(const char* name, void (*entry)(const void*), const void* args, u
 
 Stats& GetStats() { return stats; }
 
+int64_t Index32MaxClasses() {
+  const char* value = std::getenv("CUDA_EMU_INDEX32_MAX_CLASSES");
+  return value != nullptr && *value != '\0' ? std::strtoll(value, nullptr, 10) : int64_t{0xffffffff};
+}
+
 int EnvInt(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;

@@ -284,14 +284,18 @@ void RunCase(const Config& cfg, Rng& rng, int64_t c, int case_index) {
   if (!cfg.full && c > 64) rows = std::min<int64_t>(rows, 2 + case_index % 7);
   const int grid_cap = case_index % 2 == 0 ? cfg.grid_cap : 0;
   setenv("CUDA_EMU_GRID_CAP", std::to_string(grid_cap).c_str(), 1);
+  // Every third case reduces 64-bit argmax indices (the path for rows of more
+  // than 2^32 - 1 classes).
+  const bool index64 = (case_index + case_index / 3) % 3 == 1;
+  setenv("CUDA_EMU_INDEX32_MAX_CLASSES", index64 ? "0" : "", 1);
   const size_t off_t = static_cast<size_t>(rng.Int(0, kVec - 1));
   const size_t off_p = rng.Chance(50) ? off_t : static_cast<size_t>(rng.Int(0, kVec - 1));
   const size_t off_g = rng.Chance(70) ? off_p : static_cast<size_t>(rng.Int(0, kVec - 1));
   char text[256];
   std::snprintf(text, sizeof(text), "%s %s C=%" PRId64 " rows=%" PRId64
-                " offsets t/p/grad=%zu/%zu/%zu grid_cap=%d",
+                " offsets t/p/grad=%zu/%zu/%zu grid_cap=%d index%d",
                 DtypeName<T>(), kDense ? "dense" : TargetName<TargetT>(), c, rows, off_t, off_p,
-                off_g, grid_cap);
+                off_g, grid_cap, index64 ? 64 : 32);
   case_text = text;
 
   // Masked tokens: the row ends, the middle, and a few others.

@@ -51,6 +51,11 @@ struct alignas(16) ulonglong2 { unsigned long long x, y; };
 
 namespace cuda_emu {
 
+// The largest row the kernels reduce with 32-bit argmax indices (the kernels'
+// FUSED_MASKED_MAE_INDEX32_MAX_CLASSES): CUDA_EMU_INDEX32_MAX_CLASSES, so that
+// the 64-bit path runs on small rows too.
+int64_t Index32MaxClasses();
+
 // The running thread's coordinates, set by the scheduler on every switch.
 extern dim3 thread_idx, block_idx, block_dim, grid_dim;
 constexpr int kWarpSize = 32;
@@ -91,6 +96,7 @@ T Ldg(const T* ptr, const char* site) {
 #define MMAE_EMU_STR(x) MMAE_EMU_STR2(x)
 #define MMAE_EMU_SITE __FILE__ ":" MMAE_EMU_STR(__LINE__)
 
+#define FUSED_MASKED_MAE_INDEX32_MAX_CLASSES (::cuda_emu::Index32MaxClasses())
 #define threadIdx (::cuda_emu::thread_idx)
 #define blockIdx (::cuda_emu::block_idx)
 #define blockDim (::cuda_emu::block_dim)
@@ -117,6 +123,28 @@ T Ldg(const T* ptr, const char* site) {
                            MMAE_EMU_WIDTH(__VA_ARGS__ __VA_OPT__(,) 32), MMAE_EMU_SITE)
 
 #define __ldg(ptr) ::cuda_emu::Ldg((ptr), MMAE_EMU_SITE)
+
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+// Funnel shifts as PTX's shf.{r,l}.wrap: (hi:lo) >> (shift & 31), low word.
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+  const uint64_t v = (static_cast<uint64_t>(hi) << 32) | lo;
+  return static_cast<unsigned>(v >> (shift & 31u));
+}
+inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned shift) {
+  const uint64_t v = (static_cast<uint64_t>(hi) << 32) | lo;
+  return static_cast<unsigned>((v << (shift & 31u)) >> 32);
+}
+inline unsigned __funnelshift_rc(unsigned lo, unsigned hi, unsigned shift) {
+  const uint64_t v = (static_cast<uint64_t>(hi) << 32) | lo;
+  return static_cast<unsigned>(v >> (shift < 32u ? shift : 32u));
+}
+inline unsigned __funnelshift_lc(unsigned lo, unsigned hi, unsigned shift) {
+  const uint64_t v = (static_cast<uint64_t>(hi) << 32) | lo;
+  return static_cast<unsigned>((v << (shift < 32u ? shift : 32u)) >> 32);
+}
 
 // Device math the kernels may use, as the host's.
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
