@@ -168,11 +168,16 @@ def test_core_equals_tensorflow_kernel_bit_for_bit(dtype):
     y_true, y_pred = make_inputs((4, 8, 1549), dtype, tokens, seed=3)
     crafted = ref.crafted_rows().astype(dtype)
     tf_dtype = tf.as_dtype(np.dtype(dtype))
-    fused = fm.masked_mae_tokens(tf.constant(y_true, tf_dtype), tf.constant(y_pred, tf_dtype), tokens)
+    # The CPU core against the op's CPU kernel: pinned, or TensorFlow would
+    # place the op on a GPU where it sees one (whose sums run in another order).
+    with tf.device("/CPU:0"):
+        fused = fm.masked_mae_tokens(tf.constant(y_true, tf_dtype), tf.constant(y_pred, tf_dtype),
+                                     tokens)
+        fused_crafted = fm.masked_mae_tokens(
+            tf.constant(np.roll(crafted, 1, axis=0), tf_dtype), tf.constant(crafted, tf_dtype),
+            [0, 1])
+    assert fused.device.endswith("CPU:0") and fused_crafted.device.endswith("CPU:0"), fused.device
     assert_same(core.forward(y_true, y_pred, tokens), fused.numpy())
-    fused_crafted = fm.masked_mae_tokens(
-        tf.constant(np.roll(crafted, 1, axis=0), tf_dtype), tf.constant(crafted, tf_dtype), [0, 1]
-    )
     assert_same(core.forward(np.roll(crafted, 1, axis=0), crafted, [0, 1]), fused_crafted.numpy())
 
 
