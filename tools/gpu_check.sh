@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # GPU check for a machine with an NVIDIA GPU and no TensorFlow (the lent GPU
-# machine: nvcc, CuPy, PyTorch, pybind11, pytest). One prepared run, about 8
-# minutes at most on one GPU, that writes one JSON report.
+# machine: nvcc, CuPy, PyTorch, pybind11, pytest). One prepared run under one
+# overall deadline (GPU_CHECK_DEADLINE seconds, default 520, at most 539: a
+# device command may run 600 s, with start-up and transfers besides) that
+# writes one JSON report, rewritten after every step so that a run cut short
+# still leaves what it did.
 #
 #   tools/gpu_check.sh [--bench] [--report FILE]
 #
-# Steps (each recorded in the report as passed / failed / skipped, with its time):
+# Steps (each recorded in the report as passed / failed / timed_out / skipped,
+# with its time; a step gets at most its own limit and what is left before the
+# deadline, and is skipped when too little is left):
 #   gpu        nvidia-smi: name, driver, compute capability, memory
 #   core       the pybind11 core with the CUDA kernels: the one build.sh made
 #              (carried here: the clang-built ABI 7 cubins, the shipped route)
@@ -20,7 +25,8 @@
 #   bench      (--bench) benchmarks/bench_gpu.py, device time only; its rows go
 #              into the report
 # Report: --report FILE, else $OUT/gpu_check.json when OUT is set, else
-# build/gpu_check/report.json. Exit status: non-zero when any step failed.
+# build/gpu_check/report.json. Exit status: non-zero when any step failed or
+# timed out.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -44,25 +50,84 @@ STEPS="$BUILD/steps.jsonl"
 export PYTHONPATH="$ROOT/python:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
 failed=0
 
+DEADLINE="${GPU_CHECK_DEADLINE:-520}"
+if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]] || ((DEADLINE > 539)); then
+  echo "GPU_CHECK_DEADLINE must be a whole number of seconds below 540, got '$DEADLINE'" >&2
+  exit 2
+fi
+T0=$(date +%s)
+GPU_INFO=""
+REPORT_BENCH="$BUILD/bench.json"
+rm -f "$REPORT_BENCH"
+
+# Seconds left before the deadline.
+left() { echo $((DEADLINE - ($(date +%s) - T0))); }
+
+# The report, from the steps so far (called after every step).
+write_report() {
+  "$PY" - "$STEPS" "$REPORT" "$GPU_INFO" "$REPORT_BENCH" "$DEADLINE" "$(($(date +%s) - T0))" "$1" <<'PYEOF'
+import json, os, sys
+steps = [json.loads(line) for line in open(sys.argv[1])]
+report = {"gpu": sys.argv[3], "deadline_s": int(sys.argv[5]), "elapsed_s": int(sys.argv[6]),
+          "finished": sys.argv[7] == "final", "steps": steps,
+          "passed": all(s["status"] not in ("failed", "timed_out") for s in steps)}
+if os.path.exists(sys.argv[4]):
+    report["bench"] = json.load(open(sys.argv[4]))
+os.makedirs(os.path.dirname(os.path.abspath(sys.argv[2])), exist_ok=True)
+tmp = sys.argv[2] + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(report, f, indent=1)
+os.replace(tmp, sys.argv[2])
+PYEOF
+}
+
 # record NAME STATUS SECONDS DETAIL
 record() {
   "$PY" -c 'import json, sys
 print(json.dumps({"step": sys.argv[1], "status": sys.argv[2], "seconds": float(sys.argv[3]),
                   "detail": sys.argv[4][-4000:]}))' "$1" "$2" "$3" "$4" >>"$STEPS"
-  [[ "$2" == failed ]] && failed=1
+  [[ "$2" == failed || "$2" == timed_out ]] && failed=1
   echo "== $1: $2 (${3}s)"
+  write_report partial
 }
 
-# run NAME TIMEOUT CMD...: runs CMD with a time limit, records passed/failed.
+# budget LIMIT: the seconds a step may take (its limit, or what is left before
+# the deadline less a margin for the report); empty when under 10.
+budget() {
+  local b=$(($(left) - 8))
+  ((b > $1)) && b=$1
+  ((b >= 10)) && echo "$b"
+}
+
+# timed NAME LIMIT LOG CMD...: runs CMD under the step budget; returns its
+# status, 124 when it ran out of time, 125 when it did not start (no time left).
+timed() {
+  local name="$1" limit="$2" log="$3" b
+  shift 3
+  b="$(budget "$limit")" || b=""
+  if [[ -z "$b" ]]; then
+    record "$name" skipped 0 "not started: $(left)s left before the ${DEADLINE}s deadline"
+    return 125
+  fi
+  timeout -k 5 "$b" "$@" >"$log" 2>&1
+  local status=$?
+  [[ $status == 137 ]] && status=124
+  return $status
+}
+
+# run NAME LIMIT CMD...: runs CMD with a time limit, records passed/failed/timed_out.
 run() {
   local name="$1" limit="$2" start log="$BUILD/$1.log" status
   shift 2
   start=$(date +%s)
-  timeout "$limit" "$@" >"$log" 2>&1
+  timed "$name" "$limit" "$log" "$@"
   status=$?
+  [[ $status == 125 ]] && return $status
   tail -n 5 "$log"
   if [[ $status == 0 ]]; then
     record "$name" passed $(($(date +%s) - start)) "$(tail -n 3 "$log")"
+  elif [[ $status == 124 ]]; then
+    record "$name" timed_out $(($(date +%s) - start)) "stopped after its time limit: $(tail -n 20 "$log")"
   else
     record "$name" failed $(($(date +%s) - start)) "exit $status: $(tail -n 40 "$log")"
   fi
@@ -70,14 +135,14 @@ run() {
 }
 
 # --- gpu ---
-GPU_INFO="$(nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>&1 | head -1)"
+GPU_INFO="$(timeout 30 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>&1 | head -1)"
 echo "GPU: $GPU_INFO"
 if ! command -v nvidia-smi >/dev/null || [[ -z "$GPU_INFO" || "$GPU_INFO" == *"failed"* ]]; then
   record gpu failed 0 "no GPU: $GPU_INFO"
 else
   record gpu passed 0 "$GPU_INFO"
 fi
-ARCH="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')"
+ARCH="$(timeout 30 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')"
 
 # --- core ---
 core_has_cuda() {
@@ -94,7 +159,8 @@ else
   CUDA_HOME="$(cd "$(dirname "$NVCC")/.." && pwd)"
   EXT="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
   objs=("$BUILD/device_code.o")
-  if DEVICE_COMPILER=nvcc NVCC="$NVCC" CUDA_ARCHS="$ARCH" CUDA_PTX_ARCH="" \
+  if core_budget="$(budget 200)" && DEVICE_COMPILER=nvcc NVCC="$NVCC" CUDA_ARCHS="$ARCH" \
+    CUDA_PTX_ARCH="" timeout -k 5 "$core_budget" \
     tools/build_device_code.sh "$BUILD/device_code.o" cc/cuda/masked_mae_kernels.cu.cc \
     >"$BUILD/core.log" 2>&1; then
     ok=1
@@ -140,12 +206,14 @@ for tool in memcheck racecheck synccheck initcheck; do
   extra=()
   [[ $tool == memcheck ]] && extra=(--leak-check no)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 FUSED_MASKED_MAE_CUPY_POOL=off \
-    timeout 150 "$SANITIZER" --tool "$tool" "${extra[@]}" --error-exitcode 99 \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu_core.py "${SANITIZED[@]}" \
-    >"$log" 2>&1
+    timed "$tool" 150 "$log" "$SANITIZER" --tool "$tool" "${extra[@]}" --error-exitcode 99 \
+    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu_core.py "${SANITIZED[@]}"
   status=$?
+  [[ $status == 125 ]] && continue
   seconds=$(($(date +%s) - start))
-  if grep -qiE "unable to (attach|find injection)|failed to (attach|launch|initialize)|injection library|not supported on this (device|platform)|No attachable" "$log" &&
+  if [[ $status == 124 ]]; then
+    record "$tool" timed_out "$seconds" "stopped after its time limit: $(tail -n 20 "$log")"
+  elif grep -qiE "unable to (attach|find injection)|failed to (attach|launch|initialize)|injection library|not supported on this (device|platform)|No attachable" "$log" &&
     ! grep -q "ERROR SUMMARY: [1-9]" "$log"; then
     record "$tool" skipped "$seconds" "sanitizer could not attach: $(grep -iE -m3 'attach|injection|supported' "$log")"
   elif [[ $status == 0 ]]; then
@@ -157,21 +225,10 @@ done
 
 # --- bench ---
 if [[ $BENCH == 1 ]]; then
-  run bench 240 "$PY" benchmarks/bench_gpu.py --json "$BUILD/bench.json"
+  run bench 240 "$PY" benchmarks/bench_gpu.py --json "$REPORT_BENCH"
 fi
 
-"$PY" - "$STEPS" "$REPORT" "$GPU_INFO" "$BUILD/bench.json" <<'PYEOF'
-import json, os, sys
-steps = [json.loads(line) for line in open(sys.argv[1])]
-report = {"gpu": sys.argv[3], "steps": steps,
-          "passed": all(s["status"] != "failed" for s in steps)}
-if os.path.exists(sys.argv[4]):
-    report["bench"] = json.load(open(sys.argv[4]))
-os.makedirs(os.path.dirname(os.path.abspath(sys.argv[2])), exist_ok=True)
-json.dump(report, open(sys.argv[2], "w"), indent=1)
-print("report:", sys.argv[2])
-for s in steps:
-    print(f"  {s['step']:>10s}: {s['status']}")
-PYEOF
+write_report final
+echo "report: $REPORT ($(($(date +%s) - T0))s of the ${DEADLINE}s deadline)"
 echo "== gpu_check: $([[ $failed == 0 ]] && echo PASSED || echo FAILED)"
 exit $failed
