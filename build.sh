@@ -15,7 +15,7 @@
 # GPU code (README, "CUDA runtime"): clang-19 (installed with apt-get when
 # missing and run as root) compiles the kernels device-only against CUDA 12
 # pieces from PyPI (requirements-cuda.txt, installed into $VENV/cuda12): cubins
-# for sm_70..sm_90 and PTX 8.0, for NVIDIA drivers r525+, embedded in both
+# for sm_60..sm_90, sm_100 and sm_120, and PTX 8.0, for NVIDIA drivers r525+, embedded in both
 # libraries and loaded through the driver API. No nvcc and no CUDA runtime.
 #
 # Environment: VENV (default .venv), PYTHON (default python3), CUDA_CLANG
@@ -51,9 +51,11 @@ XLA_FFI_SOURCES=(cc/xla/masked_mae_ffi.cc cc/xla/masked_mae_ffi_cpu.cc cc/xla/ma
 CUDA_SOURCE=cc/cuda/masked_mae_kernels.cu.cc
 CUDA_HOST_SOURCES=(cc/cuda/masked_mae_launch.cc cc/cuda/cuda_driver.cc)
 CORE_SOURCE=cc/core/core_module.cc
-# Machine code for V100 (sm_70) to Hopper (sm_90), plus PTX of sm_90 for newer
-# GPUs: tests/test_cuda_build.py checks the built libraries hold exactly these.
-export CUDA_ARCHS="70 75 80 86 89 90" CUDA_PTX_ARCH=90
+# Machine code for Pascal (sm_60, which TensorFlow 2.21 supports) to Hopper
+# (sm_90) from clang, for Blackwell (sm_100, sm_120) from ptxas (clang-19
+# cannot target them), plus PTX of sm_90 for other GPUs:
+# tests/test_cuda_build.py checks the built libraries hold exactly these.
+export CUDA_ARCHS="60 61 70 75 80 86 89 90" CUDA_PTX_ARCH=90 CUDA_PTXAS_ARCHS="100 120"
 
 log() { echo "[build.sh] $*"; }
 
@@ -162,8 +164,17 @@ print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)"
     cuda_enabled=True
     export CUDA_CLANG="$cuda_clang" CUDA_PATH="$cuda_path" JOBS
     log "CUDA kernels: $("$cuda_clang" --version | head -1), ptxas $("$cuda_path/bin/ptxas" --version | grep -o 'V[0-9][0-9.]*' | tail -1)"
+    # Rebuilt also when a compiler's version, the CUDA wheels or the arch lists change.
+    local device_stamp want_stamp
+    device_stamp="$BUILD_DIR/masked_mae_device_code.stamp"
+    want_stamp="$("$ROOT/tools/device_code_stamp.sh" "$cuda_clang" "$cuda_path/bin/ptxas" \
+      "$ROOT/requirements-cuda.txt")"
+    if [[ "$(cat "$device_stamp" 2>/dev/null)" != "$want_stamp" ]]; then
+      rm -f "$BUILD_DIR/masked_mae_device_code.o" "$device_stamp"
+    fi
     compile "$BUILD_DIR/masked_mae_device_code.o" "$ROOT/$CUDA_SOURCE" \
       "$ROOT/tools/build_device_code.sh" "$BUILD_DIR/masked_mae_device_code.o" "$ROOT/$CUDA_SOURCE"
+    echo "$want_stamp" >"$device_stamp"
     cuda_objs=("$BUILD_DIR/masked_mae_device_code.o")
     cuda_defs=(-DGOOGLE_CUDA=1 -DFUSED_MASKED_MAE_WITH_CUDA=1 -I"$cuda_path/include")
     cuda_libs=(-ldl)

@@ -4,9 +4,12 @@ Reads the device code embedded in `_masked_mae_ops.so` and `_core*.so` (raw
 CUDA ELF cubins and PTX text, see tools/build_device_code.sh) without a GPU,
 and fails if anything in them needs a newer driver than the documented
 minimum, CUDA 12.0 / r525 (README, "CUDA runtime"):
-- the cubins are exactly sm_70, 75, 80, 86, 89, 90, each ELF ABI 7 (OSABI
-  0x33), assembled by a CUDA 12.x toolkit (cuobjdump: abi=7, toolkit=12x);
-  CUDA 13 writes ABI 8, which needs r580;
+- the cubins are exactly sm_60, 61 (Pascal, which TensorFlow 2.21 supports),
+  70, 75, 80, 86, 89, 90, each ELF ABI 7 (OSABI 0x33), assembled by a CUDA
+  12.x toolkit (cuobjdump: abi=7, toolkit=12x) (CUDA 13 writes ABI 8 for
+  these, which needs r580), plus sm_100 and sm_120 assembled by CUDA 12.x's
+  ptxas from the PTX: ABI 8 (OSABI 0x41), the only format of sm_100+ cubins,
+  on GPUs whose drivers (r570+) are newer than r525 anyway;
 - the PTX is exactly one, for sm_90, ISA `.version` <= 8.0 (8.0 = r525);
 - no CUDA runtime: no libcudart (or libcuda) in NEEDED, no cudart symbols;
 - every cubin has exactly the kernels the launchers look up by name.
@@ -34,10 +37,16 @@ PACKAGE_DIR = os.path.dirname(fused_masked_mae.__file__)
 OPS_LIBRARY = os.path.join(PACKAGE_DIR, "_masked_mae_ops.so")
 LIBRARIES = [OPS_LIBRARY, _core.__file__]
 LIBRARY_IDS = ["ops", "core"]
-CUBIN_ARCHS = {70, 75, 80, 86, 89, 90}
+CUBIN_ARCHS = {60, 61, 70, 75, 80, 86, 89, 90, 100, 120}
 PTX_ARCHS = {90}
 MAX_PTX_ISA = (8, 0)  # PTX ISA 8.0 <-> CUDA 12.0 <-> driver r525
 CUDA_ELF_ABI = 7  # CUDA 12 ptxas; CUDA 13 writes ABI 8 (OSABI 0x41), which needs r580
+BLACKWELL_SM = 100  # from here on cubins are ABI 8 whatever the toolkit (CUDA 12.8+)
+
+
+def expected_abi(sm):
+    """(OSABI, ABI version) a CUDA 12.x ptxas writes for sm."""
+    return (0x41, 8) if sm >= BLACKWELL_SM else (0x33, CUDA_ELF_ABI)
 EM_CUDA = 190
 
 if not _build_info.CUDA_ENABLED and os.environ.get("CI"):
@@ -97,7 +106,9 @@ def embedded_images(path):
         if e_machine != EM_CUDA:
             continue
         blob = data[start:start + _elf_size(data[start:start + 64])]
-        sm = struct.unpack_from("<I", blob, 48)[0] & 0xFF  # e_flags: EF_CUDA_SM (ABI 7)
+        flags = struct.unpack_from("<I", blob, 48)[0]
+        # e_flags: the SM in bits 0-7 for ABI 7, bits 8-15 for ABI 8 (sm_100+).
+        sm = (flags >> 8) & 0xFF if blob[8] >= 8 else flags & 0xFF
         assert sm not in cubins, f"two cubins for sm_{sm} in {path}"
         cubins[sm] = blob
     for m in re.finditer(rb"\.version (\d+)\.(\d+)\s*\n\s*\.target (sm_\d+)", data):
@@ -138,7 +149,7 @@ def cubin_problems(cubins):
         problems.append(f"cubins for {sorted(cubins)}, expected {sorted(CUBIN_ARCHS)}")
     for sm, blob in sorted(cubins.items()):
         osabi, abi_version = blob[7], blob[8]
-        if (osabi, abi_version) != (0x33, CUDA_ELF_ABI):
+        if (osabi, abi_version) != expected_abi(sm):
             problems.append(f"sm_{sm}: OSABI {osabi:#x}, ABI version {abi_version}: not a CUDA 12 "
                             "cubin (ABI 8 / OSABI 0x41 is CUDA 13's and needs driver r580+)")
     return problems
@@ -167,6 +178,8 @@ def test_the_checks_catch_cuda13_images_and_a_missing_arch():
     cuda13[90] = cubins[90][:7] + bytes([0x41, 8]) + cubins[90][9:]  # what CUDA 13 ptxas writes
     assert any("sm_90: OSABI 0x41, ABI version 8" in p for p in cubin_problems(cuda13))
     assert cubin_problems({sm: b for sm, b in cubins.items() if sm != 70})
+    assert cubin_problems({sm: b for sm, b in cubins.items() if sm != 60})  # Pascal
+    assert cubin_problems({sm: b for sm, b in cubins.items() if sm != 120})
     assert ptx_problems({90: ptxs[90].replace(".version 8.0", ".version 9.0", 1)})
     assert ptx_problems({**ptxs, 100: ptxs[90]})
 
@@ -179,13 +192,17 @@ def test_cuobjdump_reads_cuda12_toolkit_abi7(library, tmp_path):
         path.write_bytes(blob)
         with subprocess.Popen([cuobjdump(), "-elf", str(path)], stdout=subprocess.PIPE,
                               text=True) as proc:
-            header = next((line for line in proc.stdout if "64bit elf" in line), "")
+            # ABI 7: "64bit elf: ... abi=7, sm=90, toolkit=129"; ABI 8: "64-bit ELF:
+            # ... ABI=8, sm=100, toolkit=12.9".
+            header = next((line for line in proc.stdout
+                           if "64bit elf" in line or "64-bit ELF" in line), "")
             proc.kill()
-        m = re.search(r"abi=(\d+), sm=(\d+), toolkit=(\d+)", header)
+        m = re.search(r"abi=(\d+), sm=(\d+), toolkit=(\d+)(?:\.(\d+))?", header, re.IGNORECASE)
         assert m, f"cuobjdump printed no ELF header for sm_{sm}: {header!r}"
-        abi, arch, toolkit = map(int, m.groups())
+        abi, arch = int(m.group(1)), int(m.group(2))
+        toolkit = int(m.group(3)) * 10 + int(m.group(4)) if m.group(4) else int(m.group(3))
         print(f"{os.path.basename(library)} sm_{sm}: abi={abi} sm={arch} toolkit={toolkit}")
-        assert (abi, arch) == (CUDA_ELF_ABI, sm), header
+        assert (abi, arch) == (expected_abi(sm)[1], sm), header
         assert 120 <= toolkit < 130, f"sm_{sm} was assembled by toolkit {toolkit}, not CUDA 12.x"
 
 

@@ -8,10 +8,15 @@
 # against a CUDA 12 toolkit folder assembled from the pip wheels (build.sh
 # makes it), and CUDA 12's ptxas assembles it: one cubin per architecture in
 # CUDA_ARCHS (ELF ABI 7, loadable by r525+ drivers) plus PTX ISA 8.0 for
-# CUDA_PTX_ARCH, which newer GPUs JIT-compile. No nvcc, no CUDA runtime.
+# CUDA_PTX_ARCH, which newer GPUs JIT-compile. Architectures clang-19 cannot
+# target (sm_100, sm_120: "unsupported CUDA gpu architecture") get cubins that
+# ptxas assembles from that PTX (CUDA_PTXAS_ARCHS; ptxas 12.9 writes ELF ABI 8
+# for them, the format of every sm_100+ cubin; those GPUs need r570+ anyway),
+# so that their first use does not JIT-compile the PTX. No nvcc, no CUDA runtime.
 #   CUDA_CLANG   clang++ with CUDA support (default clang++-19)
 #   CUDA_PATH    CUDA 12 folder with include/, bin/ptxas, nvvm/libdevice (required)
-#   CUDA_ARCHS   default "70 75 80 86 89 90";  CUDA_PTX_ARCH default 90 ("" = none)
+#   CUDA_ARCHS   default "60 61 70 75 80 86 89 90";  CUDA_PTX_ARCH default 90 ("" = none)
+#   CUDA_PTXAS_ARCHS  default "100 120" (needs CUDA_PTX_ARCH)
 # DEVICE_COMPILER=nvcc instead uses NVCC (default nvcc) for CUDA_ARCHS and
 # CUDA_PTX_ARCH: for a GPU machine that has nvcc and no clang (tools/gpu_check.sh);
 # its images need the driver that nvcc's CUDA version needs.
@@ -20,8 +25,10 @@ set -euo pipefail
 OUT="$1"
 SRC="$2"
 INCLUDE="${3:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
-ARCHS="${CUDA_ARCHS:-70 75 80 86 89 90}"
+ARCHS="${CUDA_ARCHS:-60 61 70 75 80 86 89 90}"
 PTX_ARCH="${CUDA_PTX_ARCH-90}"
+PTXAS_ARCHS="${CUDA_PTXAS_ARCHS-100 120}"
+[[ -n "$PTX_ARCH" ]] || PTXAS_ARCHS=""
 JOBS="${JOBS:-$(nproc)}"
 DIR="$OUT.d"
 rm -rf "$DIR"
@@ -53,6 +60,20 @@ for entry in "${images[@]}"; do
   device_compile "$arch" "$file" "$([[ $is_ptx == 1 ]] && echo ptx || echo cubin)" &
   pids+=($!)
   if [[ ${#pids[@]} -ge $JOBS ]]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+# Cubins assembled from the PTX by ptxas (the CUDA 12 toolkit's; nvcc's own
+# toolchain under DEVICE_COMPILER=nvcc).
+if [[ "${DEVICE_COMPILER:-clang}" == nvcc ]]; then
+  ptxas="$(dirname "$(command -v "${NVCC:-nvcc}")")/ptxas"
+else
+  ptxas="$CUDA_PATH/bin/ptxas"
+fi
+pids=()
+for arch in $PTXAS_ARCHS; do
+  "$ptxas" -O3 -arch="sm_$arch" "$DIR/compute_$PTX_ARCH.ptx" -o "$DIR/sm_$arch.cubin" &
+  pids+=($!)
+  images+=("$arch 0 $DIR/sm_$arch.cubin")
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
