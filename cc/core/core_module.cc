@@ -451,6 +451,20 @@ PYBIND11_MODULE(_core, m) {
       },
       "The kernel names the launchers look up in the embedded device code.");
   m.def(
+      "cuda_device_count",
+      [] {
+        int count = 0;
+        CheckCudaStatus(cuda::DeviceCount(&count), "counting the GPUs");
+        return count;
+      },
+      "The number of GPUs the CUDA driver sees.");
+  m.def(
+      "cuda_preload",
+      [](int device) { CheckCudaStatus(cuda::Preload(device), "loading the device code"); },
+      py::arg("device"),
+      "Loads the device code into the device's primary context now (before CUDA graph "
+      "capture; it is otherwise loaded at the first launch).");
+  m.def(
       "cuda_forward",
       [](uintptr_t y_true, uintptr_t y_pred, uintptr_t loss, const std::vector<int64_t>& shape,
          const std::string& dtype, const std::vector<int64_t>& masked_tokens, uintptr_t stream,

@@ -6,6 +6,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <list>
 #include <memory>
@@ -41,6 +42,7 @@ struct Api {
   CUresult (*CtxPopCurrent)(CUcontext*);
   CUresult (*CtxGetDevice)(CUdevice*);
   CUresult (*DeviceGet)(CUdevice*, int);
+  CUresult (*DeviceGetCount)(int*);
   CUresult (*DeviceGetAttribute)(int*, CUdevice_attribute, CUdevice);
   CUresult (*DevicePrimaryCtxRetain)(CUcontext*, CUdevice);
   CUresult (*DevicePrimaryCtxRelease)(CUdevice);
@@ -93,6 +95,7 @@ Loaded* LoadDriver() {
         Resolve(lib, "cuCtxPopCurrent_v2", &a.CtxPopCurrent) &&
         Resolve(lib, "cuCtxGetDevice", &a.CtxGetDevice) &&
         Resolve(lib, "cuDeviceGet", &a.DeviceGet) &&
+        Resolve(lib, "cuDeviceGetCount", &a.DeviceGetCount) &&
         Resolve(lib, "cuDeviceGetAttribute", &a.DeviceGetAttribute) &&
         Resolve(lib, "cuDevicePrimaryCtxRetain", &a.DevicePrimaryCtxRetain) &&
         Resolve(lib, "cuDevicePrimaryCtxRelease_v2", &a.DevicePrimaryCtxRelease) &&
@@ -213,6 +216,10 @@ struct Module {
                               // context's address, which a new context may reuse
   CUmodule module;
   CUfunction functions[kNumKernels];
+  // A failed load is kept too: every later launch in the context returns the
+  // same error at once instead of trying (and JIT-compiling) again.
+  CUresult status = CUDA_SUCCESS;
+  std::string failure;
 };
 
 std::string BuiltFor() {
@@ -278,7 +285,8 @@ CUresult LoadModule(const Api& api, CUcontext ctx, std::unique_ptr<Module>* out)
 
 // The module of `ctx` (ctx must be current), loaded on first use and kept
 // for the process (one per context; a destroyed context's module is not
-// unloaded, and never matches a later context's id).
+// unloaded, and never matches a later context's id). A load that failed is
+// remembered as failed for that context.
 CUresult ModuleFor(const Api& api, CUcontext ctx, const Module** module) {
   static std::mutex mu;
   static std::list<std::unique_ptr<Module>>* modules = new std::list<std::unique_ptr<Module>>;
@@ -288,12 +296,21 @@ CUresult ModuleFor(const Api& api, CUcontext ctx, const Module** module) {
   std::lock_guard<std::mutex> lock(mu);
   for (const auto& m : *modules) {
     if (m->ctx_id == id) {
+      if (m->status != CUDA_SUCCESS) return Fail(m->status, m->failure);
       *module = m.get();
       return CUDA_SUCCESS;
     }
   }
   std::unique_ptr<Module> loaded;
   const CUresult r = LoadModule(api, ctx, &loaded);
+  if (r != CUDA_SUCCESS && r != CUDA_ERROR_OUT_OF_MEMORY) {  // out of memory may pass
+    auto failed = std::make_unique<Module>();
+    failed->ctx_id = id;
+    failed->status = r;
+    failed->failure = last_error_detail;
+    modules->push_back(std::move(failed));
+    return r;
+  }
   if (r != CUDA_SUCCESS) return r;
   *module = loaded.get();
   modules->push_back(std::move(loaded));
@@ -335,6 +352,42 @@ CUresult LaunchKernel(int kernel_index, uint32_t grid, uint32_t block, const Ker
     if (r != CUDA_SUCCESS) return Fail(r, "cuLaunchKernel of " + KernelName(kernel_index));
     return CUDA_SUCCESS;
   });
+}
+
+CUresult Preload(int device) {
+  const ScopedDevice on_device(device);
+  if (on_device.status() != CUDA_SUCCESS) return on_device.status();
+  return InStreamContext(nullptr, [&](const Api& api, CUcontext ctx) {
+    const Module* module = nullptr;
+    return ModuleFor(api, ctx, &module);
+  });
+}
+
+CUresult MultiprocessorCount(CUstream stream, int* count) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  *count = 0;
+  return InStreamContext(stream, [&](const Api& api, CUcontext) {
+    CUdevice dev;
+    CUresult r = api.CtxGetDevice(&dev);
+    if (r != CUDA_SUCCESS) return r;
+    const int ordinal = static_cast<int>(dev);
+    if (ordinal >= 0 && ordinal < kMaxDevices && cached[ordinal].load() > 0) {
+      *count = cached[ordinal].load();
+      return CUDA_SUCCESS;
+    }
+    r = api.DeviceGetAttribute(count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+    if (r == CUDA_SUCCESS && ordinal >= 0 && ordinal < kMaxDevices) cached[ordinal] = *count;
+    return r;
+  });
+}
+
+CUresult DeviceCount(int* count) {
+  *count = 0;
+  const Api* api = nullptr;
+  const CUresult r = UsableDriver(&api);
+  if (r != CUDA_SUCCESS) return r;
+  return api->DeviceGetCount(count);
 }
 
 std::string ErrorMessage(CUresult result) {

@@ -50,6 +50,19 @@ std::string TooOldMessage(int version);
 CUresult LaunchKernel(int kernel_index, uint32_t grid, uint32_t block, const KernelParams& params,
                       CUstream stream);
 
+// Loads the device code into `device`'s primary context now; it is
+// otherwise loaded at the first launch in a context. For CUDA graph capture:
+// call it before capturing launches (a module load, and the JIT compile of
+// the PTX on GPUs without a cubin, cannot happen inside a capture).
+CUresult Preload(int device);
+
+// The number of streaming multiprocessors of `stream`'s device (cached per
+// device), for launch shapes that fill the GPU.
+CUresult MultiprocessorCount(CUstream stream, int* count);
+
+// The number of GPUs the driver sees (cuDeviceGetCount).
+CUresult DeviceCount(int* count);
+
 // The driver's name and text for `result`, plus what this file found out about
 // the last failure on this thread (missing driver, no image for the GPU, ...).
 std::string ErrorMessage(CUresult result);

@@ -46,17 +46,34 @@ CUresult LaunchForward(TargetKind targets, const void* y_true, const T* y_pred, 
   constexpr int64_t kVec = 16 / sizeof(T);
   const int64_t chunks = num_classes / kVec + (num_classes % kVec != 0);
   const int64_t lanes_wanted = chunks / kChunksPerLane + (chunks % kChunksPerLane != 0);
+  // The GPU's multiprocessors, so that few rows still spread over all of
+  // them (0 when unknown: the launch itself then reports why).
+  int sms = 0;
+  if (cuda::MultiprocessorCount(stream, &sms) != CUDA_SUCCESS) sms = 0;
   int group, threads;
   int64_t blocks;
   if (lanes_wanted <= kWarpSize) {  // a group of lanes per row, several rows per block
     group = static_cast<int>(NextPowerOfTwo(lanes_wanted));
     threads = kRowsPerWarpBlockThreads;
-    const int64_t rows_per_block = kRowsPerWarpBlockThreads / group;
-    blocks = std::min(rows / rows_per_block + (rows % rows_per_block != 0), kMaxGridBlocks);
+    // Smaller blocks (down to one warp, or one row) while the grid would
+    // leave multiprocessors without two blocks.
+    const auto blocks_for = [&](int t) {
+      const int64_t rows_per_block = t / group;
+      return rows / rows_per_block + (rows % rows_per_block != 0);
+    };
+    while (threads > std::max(group, kWarpSize) && blocks_for(threads) < 2 * int64_t{sms}) {
+      threads /= 2;
+    }
+    blocks = std::min(blocks_for(threads), kMaxGridBlocks);
   } else {  // a whole block per row
     group = 0;
+    // Fewer rows than multiprocessors: as many threads per row as it has
+    // chunks (up to the largest block), since some multiprocessors idle
+    // anyway. (Splitting a row over several blocks needs a workspace for
+    // the partial results, which the launchers do not have yet.)
+    const int64_t wanted = rows < sms ? chunks : lanes_wanted;
     threads = static_cast<int>(NextPowerOfTwo(
-        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, lanes_wanted))));
+        std::min<int64_t>(kMaxRowBlockThreads, std::max<int64_t>(64, wanted))));
     blocks = std::min(rows, kMaxGridBlocks);
   }
   return cuda::LaunchKernel(ForwardKernelIndex(ElementKindOf<T>::value, targets, group),

@@ -548,6 +548,19 @@ CUresult LaunchKernel(int kernel_index, uint32_t grid, uint32_t block, const Ker
   return CUDA_SUCCESS;
 }
 
+CUresult Preload(int) { return CUDA_SUCCESS; }
+
+// CUDA_EMU_SM_COUNT (default 4): the launch shapes the launchers pick depend on it.
+CUresult MultiprocessorCount(CUstream, int* count) {
+  *count = cuda_emu::EnvInt("CUDA_EMU_SM_COUNT", 4);
+  return CUDA_SUCCESS;
+}
+
+CUresult DeviceCount(int* count) {
+  *count = 1;
+  return CUDA_SUCCESS;
+}
+
 std::string ErrorMessage(CUresult result) {
   const std::string text = "CUDA error " + std::to_string(static_cast<int>(result));
   return last_error_detail.empty() ? text : last_error_detail + ": " + text;

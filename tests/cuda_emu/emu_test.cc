@@ -284,6 +284,10 @@ void RunCase(const Config& cfg, Rng& rng, int64_t c, int case_index) {
   if (!cfg.full && c > 64) rows = std::min<int64_t>(rows, 2 + case_index % 7);
   const int grid_cap = case_index % 2 == 0 ? cfg.grid_cap : 0;
   setenv("CUDA_EMU_GRID_CAP", std::to_string(grid_cap).c_str(), 1);
+  // The GPU's size decides the launch shape (blocks of 32..256 threads for
+  // lane groups, larger blocks for few long rows).
+  const int sms = (case_index / 2) % 3 == 0 ? 1 : (case_index / 2) % 3 == 1 ? 8 : 132;
+  setenv("CUDA_EMU_SM_COUNT", std::to_string(sms).c_str(), 1);
   // Every third case reduces 64-bit argmax indices (the path for rows of more
   // than 2^32 - 1 classes).
   const bool index64 = (case_index + case_index / 3) % 3 == 1;
@@ -293,9 +297,9 @@ void RunCase(const Config& cfg, Rng& rng, int64_t c, int case_index) {
   const size_t off_g = rng.Chance(70) ? off_p : static_cast<size_t>(rng.Int(0, kVec - 1));
   char text[256];
   std::snprintf(text, sizeof(text), "%s %s C=%" PRId64 " rows=%" PRId64
-                " offsets t/p/grad=%zu/%zu/%zu grid_cap=%d index%d",
+                " offsets t/p/grad=%zu/%zu/%zu grid_cap=%d index%d sms=%d",
                 DtypeName<T>(), kDense ? "dense" : TargetName<TargetT>(), c, rows, off_t, off_p,
-                off_g, grid_cap, index64 ? 64 : 32);
+                off_g, grid_cap, index64 ? 64 : 32, sms);
   case_text = text;
 
   // Masked tokens: the row ends, the middle, and a few others.
