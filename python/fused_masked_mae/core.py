@@ -58,7 +58,18 @@ class _DeviceArray:
             if module == "cupy":
                 import cupy
 
-                self._empty = lambda shape, dtype=None: cupy.empty(shape, dtype=dtype or array.dtype)
+                # CuPy's interface names the current device's stream, and
+                # cupy.empty allocates on the current device: for an array on
+                # another device, take that device's current stream and
+                # allocate there.
+                with array.device:
+                    self.stream = cupy.cuda.get_current_stream().ptr
+
+                def empty(shape, dtype=None):
+                    with array.device:
+                        return cupy.empty(shape, dtype=dtype or array.dtype)
+
+                self._empty = empty
             else:
                 self._empty = None
         if self.dtype not in allowed:
@@ -128,6 +139,26 @@ def _device_output(like, out, shape, name):
             f"{o.dtype} {list(o.shape)} on {o.device}"
         )
     return out, o
+
+
+def preload(device=None):
+    """Loads the CUDA kernels into a GPU's primary context now.
+
+    They are otherwise loaded at the first call on each GPU; a CUDA graph
+    capture cannot load them (nor JIT-compile the PTX on a GPU without a
+    cubin), so call this before capturing calls into a graph. `device`: an
+    ordinal, a `torch.device`, a `cupy.cuda.Device`, or None for every
+    visible GPU (as numbered by the CUDA driver)."""
+    _require_cuda()
+    if device is None:
+        devices = range(_core.cuda_device_count())
+    else:
+        index = getattr(device, "index", None)
+        if index is None:
+            index = getattr(device, "id", device)
+        devices = [int(index)]
+    for d in devices:
+        _core.cuda_preload(d)
 
 
 def forward(y_true, y_pred, masked_tokens=(), out=None, sparse=False, return_keep=False):
