@@ -16,8 +16,12 @@
 // Within a row, element i belongs to 16-byte chunk i / kVec, and lane l visits
 // chunks l, l + group, ... in increasing order. That assignment depends only on
 // num_classes, never on addresses (alignment only decides whether a chunk is
-// read with one 16-byte load or element by element), and the reductions use a
-// fixed butterfly/tree order with no atomics: results are bitwise reproducible.
+// read with one aligned 16-byte load, two shifted into place, or element by
+// element: RowReader), and the reductions use a fixed butterfly/tree order
+// with no atomics: results are bitwise reproducible. The shared pieces
+// (StreamRowChunks, WarpReduce, BlockReduce) serve any per-row partial with a
+// Combine and a ShuffleXor overload. tests/cuda_emu runs this file unchanged
+// on the CPU and compares every kernel with the CPU launchers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
