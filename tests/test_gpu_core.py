@@ -357,3 +357,38 @@ def test_bfloat16_runs_when_pytorch_is_present():
     # The bf16 cases above skip (not pass) without PyTorch; say so here too.
     torch_or_skip()
     assert backends_for(ml_dtypes.bfloat16) == ["torch"]
+
+
+def test_cupy_arrays_on_another_device_run_there():
+    if "cupy" not in BACKENDS:
+        pytest.skip("needs CuPy")
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    y_true, y_pred = inputs(64, 1549, np.float32, seed=14)
+    expected = ref.loss(y_true, y_pred, [0])
+    with cupy.cuda.Device(1):
+        t, p = cupy.asarray(y_true), cupy.asarray(y_pred)
+    with cupy.cuda.Device(0):  # current device 0, arrays on device 1
+        loss = core.forward(t, p, [0])
+    assert loss.device.id == 1
+    np.testing.assert_allclose(cupy.asnumpy(loss), expected, rtol=5e-6)
+
+
+def test_preload_then_capture_a_cuda_graph():
+    torch = torch_or_skip()
+    core.preload()  # every visible GPU
+    core.preload(torch.device("cuda", 0))
+    y_true, y_pred = inputs(32, 1549, np.float32, seed=15)
+    t = torch.from_numpy(y_true).cuda()
+    p = torch.from_numpy(y_pred).cuda()
+    out = torch.empty(32, device="cuda")
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        core.forward(t, p, [0], out=out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(out.cpu().numpy(), ref.loss(y_true, y_pred, [0]), rtol=5e-6)
